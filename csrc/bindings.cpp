@@ -1,0 +1,120 @@
+// pybind11 module rationale_kernels._C: thin, torch-free. Tensors arrive as integer addresses + sizes;
+// the Python layer (rationale_kernels/ops) has already validated devices, dtypes, shapes and strides.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "rationale_loss.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename P>
+P ptr(std::uintptr_t addr) {
+  return reinterpret_cast<P>(addr);
+}
+
+rk::RowLossArgs make_args(int64_t n, int64_t v, std::uintptr_t logits, int64_t logits_ld,
+                          std::uintptr_t labels, std::uintptr_t weights, std::uintptr_t ref_logits,
+                          int64_t ref_ld, std::uintptr_t ref_logprobs, int kl_mode, int64_t kl_vocab,
+                          double kl_coef, double entropy_coef, int64_t ignore_index,
+                          std::uintptr_t row_scale, std::uintptr_t grad, int64_t grad_ld,
+                          std::uintptr_t terms, int num_threads) {
+  rk::RowLossArgs a;
+  a.n = n;
+  a.v = v;
+  a.logits = ptr<const void*>(logits);
+  a.logits_ld = logits_ld;
+  a.labels = ptr<const int64_t*>(labels);
+  a.weights = ptr<const void*>(weights);
+  a.ref_logits = ptr<const void*>(ref_logits);
+  a.ref_ld = ref_ld;
+  a.ref_logprobs = ptr<const void*>(ref_logprobs);
+  a.kl_mode = kl_mode;
+  a.kl_vocab = kl_vocab;
+  a.kl_coef = kl_coef;
+  a.entropy_coef = entropy_coef;
+  a.ignore_index = ignore_index;
+  a.row_scale = ptr<const void*>(row_scale);
+  a.grad = ptr<void*>(grad);
+  a.grad_ld = grad_ld;
+  a.terms = ptr<void*>(terms);
+  a.num_threads = num_threads;
+  return a;
+}
+
+#define RK_STR2(x) #x
+#define RK_STR(x) RK_STR2(x)
+
+py::dict build_info() {
+  py::dict d;
+  d["cpu"] = true;
+#ifdef _OPENMP
+  d["openmp"] = true;
+  d["openmp_version"] = static_cast<int>(_OPENMP);
+#else
+  d["openmp"] = false;
+  d["openmp_version"] = py::none();
+#endif
+#ifdef RK_WITH_CUDA
+  d["cuda"] = true;
+  d["cuda_archs"] = std::string(RK_STR(RK_CUDA_ARCHS));
+  d["cuda_version"] = std::string(RK_STR(RK_CUDA_VERSION));
+#else
+  d["cuda"] = false;
+  d["cuda_archs"] = std::string();
+  d["cuda_version"] = py::none();
+#endif
+  d["compiler"] = std::string(RK_STR(RK_CXX_COMPILER));
+  d["build_type"] = std::string(RK_STR(RK_BUILD_TYPE));
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "rationale-kernels native kernels (torch-free)";
+  m.def("build_info", &build_info, "What this build of the native module contains.");
+  m.def(
+      "rationale_loss_rows_cpu",
+      [](int dtype, int64_t n, int64_t v, std::uintptr_t logits, int64_t logits_ld,
+         std::uintptr_t labels, std::uintptr_t weights, std::uintptr_t ref_logits, int64_t ref_ld,
+         std::uintptr_t ref_logprobs, int kl_mode, int64_t kl_vocab, double kl_coef,
+         double entropy_coef, int64_t ignore_index, std::uintptr_t row_scale, std::uintptr_t grad,
+         int64_t grad_ld, std::uintptr_t terms, int num_threads) {
+        const rk::RowLossArgs a =
+            make_args(n, v, logits, logits_ld, labels, weights, ref_logits, ref_ld, ref_logprobs,
+                      kl_mode, kl_vocab, kl_coef, entropy_coef, ignore_index, row_scale, grad,
+                      grad_ld, terms, num_threads);
+        py::gil_scoped_release release;
+        rk::rationale_loss_rows_cpu(static_cast<rk::DType>(dtype), a);
+      });
+#ifdef RK_WITH_CUDA
+  m.def(
+      "rationale_loss_rows_cuda",
+      [](int dtype, int64_t n, int64_t v, std::uintptr_t logits, int64_t logits_ld,
+         std::uintptr_t labels, std::uintptr_t weights, std::uintptr_t ref_logits, int64_t ref_ld,
+         std::uintptr_t ref_logprobs, int kl_mode, int64_t kl_vocab, double kl_coef,
+         double entropy_coef, int64_t ignore_index, std::uintptr_t row_scale, std::uintptr_t grad,
+         int64_t grad_ld, std::uintptr_t terms, std::uintptr_t stream) {
+        const rk::RowLossArgs a =
+            make_args(n, v, logits, logits_ld, labels, weights, ref_logits, ref_ld, ref_logprobs,
+                      kl_mode, kl_vocab, kl_coef, entropy_coef, ignore_index, row_scale, grad,
+                      grad_ld, terms, 0);
+        const char* err = nullptr;
+        {
+          py::gil_scoped_release release;
+          err = rk::rationale_loss_rows_cuda(static_cast<rk::DType>(dtype), a,
+                                             reinterpret_cast<void*>(stream));
+        }
+        if (err != nullptr) throw std::runtime_error(std::string("rationale_loss cuda: ") + err);
+      });
+#endif
+}

@@ -1,0 +1,206 @@
+// CPU row kernel of the rationale loss (contract and math: ../rationale_loss.h).
+// One OpenMP task per row. Each row is processed in blocks of kBlock elements converted to the
+// accumulation type: pass 1 keeps an online-softmax state per segment ([0, K) and [K, V)), pass 2
+// writes d loss / d logits (possibly in place). The block loops are branch-free so GCC vectorises them.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "../rationale_loss.h"
+#include "vec_math.h"
+
+namespace rk {
+namespace {
+
+constexpr int64_t kBlock = 512;
+
+// Online softmax state of one segment: m = running max, s = sum e^{z-m}, t = sum e^{z-m}(z-m),
+// u = sum e^{z-m}(z-r) (only with a reference).
+template <typename Acc>
+struct SegState {
+  Acc m = -std::numeric_limits<Acc>::infinity();
+  Acc s = 0, t = 0, u = 0;
+};
+
+template <typename T, typename Acc>
+inline void load_block(const T* src, int64_t len, Acc* dst) {
+  for (int64_t i = 0; i < len; ++i) dst[i] = to_acc(src[i]);
+}
+
+// Adds z[0, len) (and, when r != null, the KL cross term) to the state.
+template <typename Acc>
+inline void accumulate(SegState<Acc>& st, const Acc* z, const Acc* r, int64_t len) {
+  Acc bm = -std::numeric_limits<Acc>::infinity();
+  int nan_seen = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    bm = z[i] > bm ? z[i] : bm;
+    nan_seen |= (z[i] != z[i]);
+  }
+  if (nan_seen) {  // the max above skips NaN: poison the state explicitly so NaN reaches the loss
+    st.s = std::numeric_limits<Acc>::quiet_NaN();
+    return;
+  }
+  const Acc m = std::max(st.m, bm);
+  if (m == -std::numeric_limits<Acc>::infinity()) return;  // all -inf so far: nothing to add
+  if (m > st.m && st.m > -std::numeric_limits<Acc>::infinity()) {
+    const Acc f = exp_acc(st.m - m);
+    st.t = f * (st.t + st.s * (st.m - m));
+    st.s *= f;
+    st.u *= f;
+  }
+  st.m = m;
+  Acc s = 0, t = 0, u = 0;
+  if (r != nullptr) {
+    for (int64_t i = 0; i < len; ++i) {
+      const Acc d = z[i] - m;
+      const Acc e = exp_acc(d);
+      s += e;
+      t += e > 0 ? e * d : Acc(0);  // e == 0 for -inf logits: skip 0 * inf
+      u += e > 0 ? e * (z[i] - r[i]) : Acc(0);
+    }
+  } else {
+    for (int64_t i = 0; i < len; ++i) {
+      const Acc d = z[i] - m;
+      const Acc e = exp_acc(d);
+      s += e;
+      t += e > 0 ? e * d : Acc(0);
+    }
+  }
+  st.s += s;
+  st.t += t;
+  st.u += u;
+}
+
+// Merges b into a (same formulas as a block update).
+template <typename Acc>
+inline SegState<Acc> merge(const SegState<Acc>& a, const SegState<Acc>& b) {
+  const Acc ninf = -std::numeric_limits<Acc>::infinity();
+  if (b.m == ninf && !(b.s != b.s)) return a;
+  if (a.m == ninf && !(a.s != a.s)) return b;
+  SegState<Acc> o;
+  o.m = std::max(a.m, b.m);
+  const Acc fa = exp_acc(a.m - o.m), fb = exp_acc(b.m - o.m);
+  o.s = fa * a.s + fb * b.s;
+  o.t = fa * (a.t + a.s * (a.m - o.m)) + fb * (b.t + b.s * (b.m - o.m));
+  o.u = fa * a.u + fb * b.u;
+  return o;
+}
+
+// Cloned per ISA so wheels built for baseline x86-64 still use AVX2/AVX-512 where the CPU has it.
+template <typename T, typename Acc>
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void row(const RowLossArgs& a, int64_t n) {
+  Acc* terms = static_cast<Acc*>(a.terms) + n * 4;
+  const int64_t y = a.labels[n];
+  T* grad = a.grad ? static_cast<T*>(a.grad) + n * a.grad_ld : nullptr;
+  const int64_t V = a.v;
+  if (y == a.ignore_index) {
+    terms[0] = terms[1] = terms[2] = terms[3] = 0;
+    if (grad) std::fill(grad, grad + V, from_acc<T>(Acc(0)));
+    return;
+  }
+  const T* z = static_cast<const T*>(a.logits) + n * a.logits_ld;
+  const bool full = a.kl_mode == static_cast<int>(KLMode::FULL);
+  const T* r = full ? static_cast<const T*>(a.ref_logits) + n * a.ref_ld : nullptr;
+  const int64_t K = full ? a.kl_vocab : V;
+  const Acc w = a.weights ? static_cast<const Acc*>(a.weights)[n] : Acc(1);
+  const Acc scale = a.row_scale ? static_cast<const Acc*>(a.row_scale)[n] : Acc(1);
+  const Acc beta = static_cast<Acc>(a.kl_coef), alpha = static_cast<Acc>(a.entropy_coef);
+  const Acc zy = to_acc(z[y]);  // read before pass 2 may overwrite it
+
+  alignas(64) Acc zb[kBlock];
+  alignas(64) Acc rb[kBlock];
+  SegState<Acc> A, B, R;  // policy over [0, K), policy over [K, V), reference over [0, K)
+  for (int64_t j0 = 0; j0 < K; j0 += kBlock) {
+    const int64_t len = std::min(kBlock, K - j0);
+    load_block(z + j0, len, zb);
+    if (r) {
+      load_block(r + j0, len, rb);
+      accumulate(A, zb, rb, len);
+      accumulate(R, rb, static_cast<const Acc*>(nullptr), len);
+    } else {
+      accumulate(A, zb, static_cast<const Acc*>(nullptr), len);
+    }
+  }
+  for (int64_t j0 = K; j0 < V; j0 += kBlock) {
+    const int64_t len = std::min(kBlock, V - j0);
+    load_block(z + j0, len, zb);
+    accumulate(B, zb, static_cast<const Acc*>(nullptr), len);
+  }
+  const SegState<Acc> all = merge(A, B);
+  const Acc log_s = std::log(all.s);
+  const Acc lse = all.m + log_s;
+  const Acc ez = all.m + all.t / all.s;  // E_p[z]
+  const Acc entropy = log_s - all.t / all.s;
+  const Acc nll = lse - zy;
+  Acc kl = 0, c = 0, ratio = 0, D = 0;
+  if (full) {
+    const Acc lse_k = A.m + std::log(A.s);
+    const Acc lse_rk = R.m + std::log(R.s);
+    kl = A.u / A.s - lse_k + lse_rk;
+    ratio = std::exp(lse - lse_k);
+    D = lse_k - lse_rk + kl;
+  } else if (a.kl_mode == static_cast<int>(KLMode::K1)) {
+    kl = -nll - static_cast<const Acc*>(a.ref_logprobs)[n];
+    c = 1;
+  } else if (a.kl_mode == static_cast<int>(KLMode::K3)) {
+    const Acc rho = static_cast<const Acc*>(a.ref_logprobs)[n] + nll;
+    const Acc er = std::exp(rho);
+    kl = er - 1 - rho;
+    c = 1 - er;
+  }
+  terms[0] = w * nll + beta * kl - alpha * entropy;
+  terms[1] = nll;
+  terms[2] = kl;
+  terms[3] = entropy;
+  if (!grad) return;
+
+  const Acc wp = w - beta * c;
+  alignas(64) Acc gb[kBlock];
+  for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
+    const int64_t len = std::min(kBlock, V - j0);
+    load_block(z + j0, len, zb);
+    const int64_t kl_len = r ? std::max<int64_t>(0, std::min(len, K - j0)) : 0;
+    if (kl_len > 0) load_block(r + j0, kl_len, rb);
+    for (int64_t i = 0; i < kl_len; ++i) {
+      const Acc p = exp_acc(zb[i] - lse);
+      const Acc base = wp + alpha * (zb[i] - ez) + beta * ratio * (zb[i] - rb[i] - D);
+      gb[i] = p > 0 ? p * base : Acc(0);
+    }
+    for (int64_t i = kl_len; i < len; ++i) {
+      const Acc p = exp_acc(zb[i] - lse);
+      const Acc base = wp + alpha * (zb[i] - ez);
+      gb[i] = p > 0 ? p * base : Acc(0);
+    }
+    if (y >= j0 && y < j0 + len) gb[y - j0] -= wp;
+    if (!(lse == lse)) std::fill(gb, gb + len, lse);  // NaN row: NaN gradient, not a finite one
+    for (int64_t i = 0; i < len; ++i) grad[j0 + i] = from_acc<T>(scale * gb[i]);
+  }
+}
+
+template <typename T, typename Acc>
+void rows(const RowLossArgs& a) {
+#ifdef _OPENMP
+  const int threads = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
+#pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (a.n > 1)
+#endif
+  for (int64_t n = 0; n < a.n; ++n) row<T, Acc>(a, n);
+}
+
+}  // namespace
+
+void rationale_loss_rows_cpu(DType dtype, const RowLossArgs& a) {
+  switch (dtype) {
+    case DType::F32: rows<float, float>(a); break;
+    case DType::F64: rows<double, double>(a); break;
+    case DType::BF16: rows<bf16_t, float>(a); break;
+    case DType::F16: rows<f16_t, float>(a); break;
+  }
+}
+
+}  // namespace rk

@@ -1,0 +1,382 @@
+// CUDA row kernels of the rationale loss. The math, aliasing rules and NaN/-inf behaviour are the
+// contract in ../rationale_loss.h; this file only decides how to compute it on the GPU.
+//
+// One thread block per row. Pass 1 streams the row once and keeps, per thread, online-softmax
+// states for segment A = [0, K) (plus the reference softmax over A when kl_mode == FULL) and
+// segment B = [K, V); the states are merged across the block. Pass 2 (only when grad is wanted)
+// streams the row again and writes the gradient; grad may alias logits because every element is
+// read and written by the same thread, and pass 2 starts after a block barrier.
+#include "rationale_loss.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+namespace rk {
+namespace {
+
+constexpr int kMaxThreads = 512;
+constexpr int kUnroll = 2;  // 16-byte packs in flight per thread per loop iteration
+
+// Accurate libm (not __expf): results are checked against a float64 reference.
+__device__ __forceinline__ float ex(float x) { return expf(x); }
+__device__ __forceinline__ double ex(double x) { return exp(x); }
+__device__ __forceinline__ float lg(float x) { return logf(x); }
+__device__ __forceinline__ double lg(double x) { return log(x); }
+__device__ __forceinline__ float em1(float x) { return expm1f(x); }
+__device__ __forceinline__ double em1(double x) { return expm1(x); }
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+
+template <class T, class Acc>
+__device__ __forceinline__ T from_acc(Acc x) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16(static_cast<float>(x));
+  else if constexpr (std::is_same_v<T, __half>) return __float2half(static_cast<float>(x));
+  else return static_cast<T>(x);
+}
+
+template <class T>
+struct alignas(16) Pack { T x[16 / sizeof(T)]; };
+
+template <class Acc, int N>
+struct Vals {
+  static constexpr int n = N;
+  Acc v[N];
+};
+
+// Online-softmax state relative to its max m: s = sum e, t = sum e*(z - m), u = sum e*(z - r),
+// e = exp(z - m). m == -inf means empty (s = t = u = 0). NaN never becomes m (comparisons are
+// false) but reaches s through exp(NaN), and +inf logits give exp(inf - inf) = NaN as well, so a
+// non-finite row always ends with s = NaN.
+template <class Acc>
+struct Soft { Acc m, s, t, u; };
+
+template <class Acc>
+__device__ __forceinline__ Soft<Acc> empty_soft() { return {Acc(-INFINITY), Acc(0), Acc(0), Acc(0)}; }
+
+// Re-expresses st relative to a larger max M (no-op unless M > st.m).
+template <class Acc>
+__device__ __forceinline__ void rebase(Soft<Acc>& st, Acc M) {
+  if (M > st.m) {
+    const Acc d = st.m - M, f = ex(d);
+    st.t = st.s == Acc(0) ? Acc(0) : f * (st.t + st.s * d);  // empty state: avoid 0 * -inf
+    st.s *= f;
+    st.u *= f;
+    st.m = M;
+  }
+}
+
+template <class Acc>
+__device__ __forceinline__ void merge(Soft<Acc>& a, Soft<Acc> b) {
+  const Acc M = a.m > b.m ? a.m : b.m;
+  rebase(a, M);
+  rebase(b, M);
+  a.s += b.s;
+  a.t += b.t;
+  a.u += b.u;
+}
+
+// Adds N elements z (and, WITH_U, their reference logits r) to st: one rebase per pack.
+template <bool WITH_U, class Acc, int N>
+__device__ __forceinline__ void accumulate(Soft<Acc>& st, const Vals<Acc, N>& z, const Vals<Acc, N>& r) {
+  Acc mx = st.m;
+#pragma unroll
+  for (int i = 0; i < N; ++i) mx = z.v[i] > mx ? z.v[i] : mx;
+  rebase(st, mx);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const bool dead = z.v[i] == Acc(-INFINITY);  // probability 0; also avoids -inf - -inf
+    const Acc d = dead ? Acc(0) : z.v[i] - st.m;
+    const Acc e = dead ? Acc(0) : ex(d);
+    st.s += e;
+    st.t += e * d;
+    if constexpr (WITH_U) st.u += e == Acc(0) ? Acc(0) : e * (z.v[i] - r.v[i]);  // 0 * inf guard
+  }
+}
+
+template <class Acc>
+__device__ __forceinline__ Soft<Acc> shfl_xor(const Soft<Acc>& a, int o) {
+  return {__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o),
+          __shfl_xor_sync(0xffffffffu, a.t, o), __shfl_xor_sync(0xffffffffu, a.u, o)};
+}
+
+template <class Acc>
+__device__ __forceinline__ void warp_merge(Soft<Acc>& a) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) merge(a, shfl_xor(a, o));
+}
+
+// Leading scalar elements before every non-null pointer is 16-byte aligned; len when the pointers'
+// misalignments differ (then the whole range goes through the scalar path).
+__device__ __forceinline__ int64_t aligned_head(int64_t len, size_t es, const void* a,
+                                                const void* b = nullptr, const void* c = nullptr) {
+  const uintptr_t mis = reinterpret_cast<uintptr_t>(a) % 16;
+  if (mis % es != 0 || (b && reinterpret_cast<uintptr_t>(b) % 16 != mis) ||
+      (c && reinterpret_cast<uintptr_t>(c) % 16 != mis))
+    return len;
+  const int64_t head = static_cast<int64_t>((16 - mis) % 16 / es);
+  return head < len ? head : len;
+}
+
+// Calls f(j, z[j..j+N), r[j..j+N)) for the columns [lo, hi) of one row, the block's threads striding
+// over 16-byte packs (N = 16 / sizeof(T)) between a scalar head and tail (N = 1). REF: r is read,
+// else r holds zeros. OUT: f returns the N values stored to g at the same columns.
+template <class T, class Acc, bool REF, bool OUT, class F>
+__device__ __forceinline__ void sweep(const T* z, const T* r, T* g, int64_t lo, int64_t hi, F&& f) {
+  constexpr int W = 16 / sizeof(T);
+  const int64_t len = hi - lo;
+  if (len <= 0) return;
+  const int64_t head = aligned_head(len, sizeof(T), z + lo, REF ? r + lo : nullptr, OUT ? g + lo : nullptr);
+  const int64_t nvec = (len - head) / W, tail = head + nvec * W, step = blockDim.x;
+
+  auto one = [&](int64_t j) {
+    Vals<Acc, 1> zv{{to_acc(z[j])}}, rv{{Acc(0)}};
+    if constexpr (REF) rv.v[0] = to_acc(r[j]);
+    if constexpr (OUT) g[j] = from_acc<T>(f(j, zv, rv).v[0]);
+    else f(j, zv, rv);
+  };
+  for (int64_t j = lo + threadIdx.x; j < lo + head; j += step) one(j);
+  for (int64_t j = lo + tail + threadIdx.x; j < hi; j += step) one(j);
+
+  const int64_t base = lo + head;
+  for (int64_t k = threadIdx.x; k < nvec; k += kUnroll * step) {
+    Pack<T> zp[kUnroll] = {}, rp[kUnroll] = {};
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // issue all loads before any math (and any store)
+      const int64_t j = base + (k + u * step) * W;
+      if (k + u * step < nvec) {
+        zp[u] = *reinterpret_cast<const Pack<T>*>(z + j);
+        if constexpr (REF) rp[u] = *reinterpret_cast<const Pack<T>*>(r + j);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t j = base + (k + u * step) * W;
+      if (k + u * step >= nvec) break;
+      Vals<Acc, W> zv, rv{};
+#pragma unroll
+      for (int e = 0; e < W; ++e) {
+        zv.v[e] = to_acc(zp[u].x[e]);
+        if constexpr (REF) rv.v[e] = to_acc(rp[u].x[e]);
+      }
+      if constexpr (OUT) {
+        const Vals<Acc, W> gv = f(j, zv, rv);
+        Pack<T> gp;
+#pragma unroll
+        for (int e = 0; e < W; ++e) gp.x[e] = from_acc<T>(gv.v[e]);
+        *reinterpret_cast<Pack<T>*>(g + j) = gp;
+      } else {
+        f(j, zv, rv);
+      }
+    }
+  }
+}
+
+template <class T>
+__device__ __forceinline__ void fill_zero(T* g, int64_t len) {
+  constexpr int W = 16 / sizeof(T);
+  const T zero = from_acc<T>(0.0f);
+  const int64_t head = aligned_head(len, sizeof(T), g);
+  const int64_t nvec = (len - head) / W, tail = head + nvec * W;
+  for (int64_t j = threadIdx.x; j < head; j += blockDim.x) g[j] = zero;
+  for (int64_t j = tail + threadIdx.x; j < len; j += blockDim.x) g[j] = zero;
+  Pack<T> zp;
+#pragma unroll
+  for (int e = 0; e < W; ++e) zp.x[e] = zero;
+  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x)
+    *reinterpret_cast<Pack<T>*>(g + head + k * W) = zp;
+}
+
+// Per-row constants of d loss / d z_j (see the header). KL: the FULL-KL term applies (j < K).
+template <class Acc, bool KL>
+struct GradFn {
+  Acc lse, wp, ec, ez, kr, dd, rs;
+  int64_t y;
+  template <int N>
+  __device__ __forceinline__ Vals<Acc, N> operator()(int64_t j, const Vals<Acc, N>& z,
+                                                     const Vals<Acc, N>& r) const {
+    Vals<Acc, N> g;
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      const Acc p = ex(z.v[e] - lse);
+      Acc b = wp + ec * (z.v[e] - ez);
+      if constexpr (KL) b += kr * (z.v[e] - r.v[e] - dd);
+      Acc ge = p == Acc(0) ? Acc(0) : p * b;  // p == 0 terms are 0 (z = -inf, r = -inf safe)
+      if (j + e == y) ge -= wp;
+      g.v[e] = rs * ge;
+    }
+    return g;
+  }
+};
+
+template <class T, class Acc>
+struct Params {
+  int64_t n, v, k;
+  const T* z;
+  int64_t ldz;
+  const int64_t* labels;
+  const Acc* w;
+  const T* r;
+  int64_t ldr;
+  const Acc* ref_lp;
+  int mode;
+  Acc kc, ec;
+  int64_t ignore;
+  const Acc* rs;
+  T* g;
+  int64_t ldg;
+  Acc* terms;
+};
+
+template <class Acc>
+struct Totals { Soft<Acc> a, b, r; Acc zy; };
+
+template <class T, class Acc, bool FULL>
+__global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Params<T, Acc> p) {
+  __shared__ Soft<Acc> sh_a[32], sh_b[32], sh_r[32];
+  __shared__ Totals<Acc> sh_tot;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+
+  for (int64_t row = blockIdx.x; row < p.n; row += gridDim.x) {
+    const int64_t y = p.labels[row];
+    Acc* terms = p.terms + row * 4;
+    T* g = p.g ? p.g + row * p.ldg : nullptr;
+    if (y == p.ignore) {  // block-uniform
+      if (threadIdx.x < 4) terms[threadIdx.x] = Acc(0);
+      if (g) fill_zero(g, p.v);
+      continue;
+    }
+    const T* z = p.z + row * p.ldz;
+    const T* r = FULL ? p.r + row * p.ldr : nullptr;
+    const int64_t K = FULL ? p.k : p.v;
+
+    // ---- pass 1: per-thread states, then block totals.
+    Soft<Acc> A = empty_soft<Acc>(), B = empty_soft<Acc>(), R = empty_soft<Acc>();
+    if constexpr (FULL) {
+      sweep<T, Acc, true, false>(z, r, nullptr, 0, K, [&](int64_t, const auto& zv, const auto& rv) {
+        accumulate<true>(A, zv, rv);
+        accumulate<false>(R, rv, rv);
+      });
+      sweep<T, Acc, false, false>(z, nullptr, nullptr, K, p.v,
+                                  [&](int64_t, const auto& zv, const auto& rv) { accumulate<false>(B, zv, rv); });
+    } else {
+      sweep<T, Acc, false, false>(z, nullptr, nullptr, 0, p.v,
+                                  [&](int64_t, const auto& zv, const auto& rv) { accumulate<false>(A, zv, rv); });
+    }
+    warp_merge(A);
+    if constexpr (FULL) { warp_merge(B); warp_merge(R); }
+    if (lane == 0) {
+      sh_a[warp] = A;
+      if constexpr (FULL) { sh_b[warp] = B; sh_r[warp] = R; }
+    }
+    __syncthreads();
+    if (warp == 0) {  // warp 0 merges the per-warp states; the other warps wait at the barrier
+      A = lane < nwarps ? sh_a[lane] : empty_soft<Acc>();
+      warp_merge(A);
+      if constexpr (FULL) {
+        B = lane < nwarps ? sh_b[lane] : empty_soft<Acc>();
+        R = lane < nwarps ? sh_r[lane] : empty_soft<Acc>();
+        warp_merge(B);
+        warp_merge(R);
+      }
+      if (lane == 0) sh_tot = {A, B, R, to_acc(z[y])};  // z_y read before any grad write
+    }
+    __syncthreads();
+    const Totals<Acc> tot = sh_tot;  // sh_tot is next written after the next row's first barrier
+
+    // ---- row terms (every thread computes them; pass 2 needs most of them).
+    Soft<Acc> all = tot.a;
+    merge(all, tot.b);
+    const Acc log_s = lg(all.s), lse = all.m + log_s;
+    const Acc ent = log_s - all.t / all.s, nll = lse - tot.zy;
+    const Acc w = p.w ? p.w[row] : Acc(1);
+    Acc kl = 0, c = 0, lse_k = 0, lse_rk = 0;
+    if constexpr (FULL) {
+      lse_k = tot.a.m + lg(tot.a.s);
+      lse_rk = tot.r.m + lg(tot.r.s);
+      kl = tot.a.u / tot.a.s - lse_k + lse_rk;
+    } else if (p.mode == static_cast<int>(KLMode::K1)) {
+      kl = -nll - p.ref_lp[row];
+      c = 1;
+    } else if (p.mode == static_cast<int>(KLMode::K3)) {
+      const Acc rho = p.ref_lp[row] + nll, em = em1(rho);  // expm1: no cancellation near rho = 0
+      kl = em - rho;
+      c = -em;
+    }
+    if (threadIdx.x == 0) {
+      terms[0] = w * nll + p.kc * kl - p.ec * ent;
+      terms[1] = nll;
+      terms[2] = kl;
+      terms[3] = ent;
+    }
+    if (!g) continue;
+
+    // ---- pass 2: gradient (after the barriers above, so in-place grad is safe).
+    const Acc wp = w - p.kc * c, ez = all.m + all.t / all.s, rs = p.rs ? p.rs[row] : Acc(1);
+    if constexpr (FULL) {
+      const GradFn<Acc, true> fa{lse, wp, p.ec, ez, p.kc * ex(lse - lse_k), lse_k - lse_rk + kl, rs, y};
+      const GradFn<Acc, false> fb{lse, wp, p.ec, ez, Acc(0), Acc(0), rs, y};
+      sweep<T, Acc, true, true>(z, r, g, 0, K, fa);
+      sweep<T, Acc, false, true>(z, nullptr, g, K, p.v, fb);
+    } else {
+      const GradFn<Acc, false> fb{lse, wp, p.ec, ez, Acc(0), Acc(0), rs, y};
+      sweep<T, Acc, false, true>(z, nullptr, g, 0, p.v, fb);
+    }
+  }
+}
+
+template <class T, class Acc>
+const char* launch(const RowLossArgs& a, cudaStream_t stream) {
+  const bool full = a.kl_mode == static_cast<int>(KLMode::FULL);
+  const Params<T, Acc> p{a.n,
+                         a.v,
+                         full ? a.kl_vocab : a.v,
+                         static_cast<const T*>(a.logits),
+                         a.logits_ld,
+                         a.labels,
+                         static_cast<const Acc*>(a.weights),
+                         static_cast<const T*>(a.ref_logits),
+                         a.ref_ld,
+                         static_cast<const Acc*>(a.ref_logprobs),
+                         a.kl_mode,
+                         static_cast<Acc>(a.kl_coef),
+                         static_cast<Acc>(a.entropy_coef),
+                         a.ignore_index,
+                         static_cast<const Acc*>(a.row_scale),
+                         static_cast<T*>(a.grad),
+                         a.grad_ld,
+                         static_cast<Acc*>(a.terms)};
+  // Small vocabularies: fewer threads, so each still gets ~2 packs and the reductions stay cheap.
+  constexpr int W = 16 / sizeof(T);
+  int threads = kMaxThreads;
+  while (threads > 64 && static_cast<int64_t>(threads) * W * 2 > a.v) threads /= 2;
+  const unsigned grid = static_cast<unsigned>(a.n < INT_MAX ? a.n : INT_MAX);  // rows grid-stride beyond
+  if (full) rows_kernel<T, Acc, true><<<grid, threads, 0, stream>>>(p);
+  else rows_kernel<T, Acc, false><<<grid, threads, 0, stream>>>(p);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace
+
+const char* rationale_loss_rows_cuda(DType dtype, const RowLossArgs& a, void* stream) {
+  if (a.n == 0) return nullptr;
+  const auto s = static_cast<cudaStream_t>(stream);
+  switch (dtype) {
+    case DType::F32: return launch<float, float>(a, s);
+    case DType::F64: return launch<double, double>(a, s);
+    case DType::BF16: return launch<__nv_bfloat16, float>(a, s);
+    case DType::F16: return launch<__half, float>(a, s);
+  }
+  return "rationale_loss_rows_cuda: unsupported dtype";
+}
+
+}  // namespace rk

@@ -1,0 +1,14 @@
+"""rationale-kernels: fused kernels for training small LMs to reason with rationales.
+
+Ops (each takes ``backend="auto" | "torch" | "cpu" | "triton" | "cuda"``):
+
+- :func:`rationale_loss`: MaRio/Quark per-token loss from logits.
+- :func:`fused_linear_rationale_loss`: the same from hidden states and the LM-head weight, without
+  materialising the full logits.
+"""
+
+from ._native import build_info
+from .ops.rationale_loss import fused_linear_rationale_loss, rationale_loss
+
+__all__ = ["build_info", "fused_linear_rationale_loss", "rationale_loss"]
+__version__ = "0.1.0"

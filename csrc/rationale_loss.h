@@ -14,6 +14,12 @@
 //   grad_j = p_j * [w' + entropy_coef * (z_j - E_p z) + (j < K) kl_coef * (Z/Z_K) * (z_j - r_j - D)]
 //            - (j == y) * w'
 //   with Z/Z_K = exp(lse - lse_K), D = lse_K - lse_rK + kl (FULL only). Terms with p_j == 0 are 0.
+// Numerics (all backends): keep every log-prob centred on its running max, i.e. log p_j = (z_j - m) -
+// log s, log p~_j = (z_j - m_K) - log s_K, log q~_j = (r_j - m_r) - log s_r, nll = (m - z_y) + log s,
+// and accumulate the KL cross term centred as u = sum_{j<K} e^{z_j - m_K} ((z_j - m_K) - (r_j - m_r)),
+// kl = u / s_K - log s_K + log s_r (rescaling u when m_K or m_r moves: u <- f (u + s (dm_K - dm_r)),
+// f = e^{dm_K}, dm = old - new max). With |logits| ~ 1e4, the uncentred z_j - lse loses ~1e-3 in float.
+// The gradient is then p_j [w' + a (log p_j + H) + b (Z/Z_K) (log p~_j - log q~_j - kl)] - [j==y] w'.
 // grad may alias logits (in-place): each element is read before it is written.
 // Logits containing NaN or +inf give NaN terms (never a finite wrong value); -inf logits are
 // probability 0. Accumulation in float (double for F64 inputs).

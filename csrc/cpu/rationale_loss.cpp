@@ -17,12 +17,16 @@ namespace {
 
 constexpr int64_t kBlock = 512;
 
-// Online softmax state of one segment: m = running max, s = sum e^{z-m}, t = sum e^{z-m}(z-m),
-// u = sum e^{z-m}(z-r) (only with a reference).
+// Online softmax state of one segment: m = running max, s = sum e^{z-m}, t = sum e^{z-m}(z-m) and,
+// with a reference r (running max mr, sr = sum e^{r-mr}): u = sum e^{z-m}((z-m) - (r-mr)).
+// Everything is centred on the running maxima so that large logits (|z| ~ 1e4) do not cancel
+// catastrophically in float: KL = u/s - log s + log sr is then as accurate as log_softmax's.
 template <typename Acc>
 struct SegState {
   Acc m = -std::numeric_limits<Acc>::infinity();
   Acc s = 0, t = 0, u = 0;
+  Acc mr = -std::numeric_limits<Acc>::infinity();
+  Acc sr = 0;
 };
 
 template <typename T, typename Acc>
@@ -30,28 +34,46 @@ inline void load_block(const T* src, int64_t len, Acc* dst) {
   for (int64_t i = 0; i < len; ++i) dst[i] = to_acc(src[i]);
 }
 
-// Adds z[0, len) (and, when r != null, the KL cross term) to the state.
+// Block max that does not lose NaN (a plain max skips it): NaN is reported through `nan`.
+template <typename Acc>
+inline Acc block_max(const Acc* x, int64_t len, int& nan) {
+  Acc bm = -std::numeric_limits<Acc>::infinity();
+  for (int64_t i = 0; i < len; ++i) {
+    bm = x[i] > bm ? x[i] : bm;
+    nan |= (x[i] != x[i]);
+  }
+  return bm;
+}
+
+// Adds z[0, len) (and, when r != null, the reference terms) to the state.
 template <typename Acc>
 inline void accumulate(SegState<Acc>& st, const Acc* z, const Acc* r, int64_t len) {
-  Acc bm = -std::numeric_limits<Acc>::infinity();
-  int nan_seen = 0;
-  for (int64_t i = 0; i < len; ++i) {
-    bm = z[i] > bm ? z[i] : bm;
-    nan_seen |= (z[i] != z[i]);
-  }
-  if (nan_seen) {  // the max above skips NaN: poison the state explicitly so NaN reaches the loss
-    st.s = std::numeric_limits<Acc>::quiet_NaN();
+  constexpr Acc ninf = -std::numeric_limits<Acc>::infinity();
+  int nan = 0;
+  const Acc bz = block_max(z, len, nan);
+  const Acc br = r ? block_max(r, len, nan) : ninf;
+  if (nan) {  // poison the state explicitly so NaN reaches the loss
+    st.s = st.sr = std::numeric_limits<Acc>::quiet_NaN();
     return;
   }
-  const Acc m = std::max(st.m, bm);
-  if (m == -std::numeric_limits<Acc>::infinity()) return;  // all -inf so far: nothing to add
-  if (m > st.m && st.m > -std::numeric_limits<Acc>::infinity()) {
+  const Acc m = std::max(st.m, bz), mr = std::max(st.mr, br);
+  if (r && mr > st.mr && st.mr > ninf) {
+    st.sr *= exp_acc(st.mr - mr);
+  }
+  if (m > ninf && st.m > ninf) {  // rescale the old sums to the new maxima
     const Acc f = exp_acc(st.m - m);
     st.t = f * (st.t + st.s * (st.m - m));
+    if (r) st.u = f * (st.u + st.s * ((st.m - m) - (st.mr - mr)));
     st.s *= f;
-    st.u *= f;
   }
   st.m = m;
+  st.mr = mr;
+  if (r && mr > ninf) {
+    Acc sr = 0;
+    for (int64_t i = 0; i < len; ++i) sr += exp_acc(r[i] - mr);
+    st.sr += sr;
+  }
+  if (m == ninf) return;  // all -inf so far: nothing to add
   Acc s = 0, t = 0, u = 0;
   if (r != nullptr) {
     for (int64_t i = 0; i < len; ++i) {
@@ -59,7 +81,7 @@ inline void accumulate(SegState<Acc>& st, const Acc* z, const Acc* r, int64_t le
       const Acc e = exp_acc(d);
       s += e;
       t += e > 0 ? e * d : Acc(0);  // e == 0 for -inf logits: skip 0 * inf
-      u += e > 0 ? e * (z[i] - r[i]) : Acc(0);
+      u += e > 0 ? e * (d - (r[i] - mr)) : Acc(0);
     }
   } else {
     for (int64_t i = 0; i < len; ++i) {
@@ -74,7 +96,8 @@ inline void accumulate(SegState<Acc>& st, const Acc* z, const Acc* r, int64_t le
   st.u += u;
 }
 
-// Merges b into a (same formulas as a block update).
+// Merges two policy segments (same formulas as a block update); u and the reference are not merged
+// because only segment [0, K) carries them.
 template <typename Acc>
 inline SegState<Acc> merge(const SegState<Acc>& a, const SegState<Acc>& b) {
   const Acc ninf = -std::numeric_limits<Acc>::infinity();
@@ -85,7 +108,6 @@ inline SegState<Acc> merge(const SegState<Acc>& a, const SegState<Acc>& b) {
   const Acc fa = exp_acc(a.m - o.m), fb = exp_acc(b.m - o.m);
   o.s = fa * a.s + fb * b.s;
   o.t = fa * (a.t + a.s * (a.m - o.m)) + fb * (b.t + b.s * (b.m - o.m));
-  o.u = fa * a.u + fb * b.u;
   return o;
 }
 
@@ -115,17 +137,12 @@ void row(const RowLossArgs& a, int64_t n) {
 
   alignas(64) Acc zb[kBlock];
   alignas(64) Acc rb[kBlock];
-  SegState<Acc> A, B, R;  // policy over [0, K), policy over [K, V), reference over [0, K)
+  SegState<Acc> A, B;  // policy (+ reference) over [0, K), policy over [K, V)
   for (int64_t j0 = 0; j0 < K; j0 += kBlock) {
     const int64_t len = std::min(kBlock, K - j0);
     load_block(z + j0, len, zb);
-    if (r) {
-      load_block(r + j0, len, rb);
-      accumulate(A, zb, rb, len);
-      accumulate(R, rb, static_cast<const Acc*>(nullptr), len);
-    } else {
-      accumulate(A, zb, static_cast<const Acc*>(nullptr), len);
-    }
+    if (r) load_block(r + j0, len, rb);
+    accumulate(A, zb, r ? rb : static_cast<const Acc*>(nullptr), len);
   }
   for (int64_t j0 = K; j0 < V; j0 += kBlock) {
     const int64_t len = std::min(kBlock, V - j0);
@@ -133,18 +150,16 @@ void row(const RowLossArgs& a, int64_t n) {
     accumulate(B, zb, static_cast<const Acc*>(nullptr), len);
   }
   const SegState<Acc> all = merge(A, B);
-  const Acc log_s = std::log(all.s);
-  const Acc lse = all.m + log_s;
-  const Acc ez = all.m + all.t / all.s;  // E_p[z]
+  // log-probs are formed as (z - m) - log s, never as z - lse, to keep large logits exact
+  const Acc m = all.m, log_s = std::log(all.s);
   const Acc entropy = log_s - all.t / all.s;
-  const Acc nll = lse - zy;
-  Acc kl = 0, c = 0, ratio = 0, D = 0;
+  const Acc nll = (m - zy) + log_s;
+  Acc kl = 0, c = 0, ratio = 0, log_sk = 0, log_sr = 0;
   if (full) {
-    const Acc lse_k = A.m + std::log(A.s);
-    const Acc lse_rk = R.m + std::log(R.s);
-    kl = A.u / A.s - lse_k + lse_rk;
-    ratio = std::exp(lse - lse_k);
-    D = lse_k - lse_rk + kl;
+    log_sk = std::log(A.s);
+    log_sr = std::log(A.sr);
+    kl = A.u / A.s - log_sk + log_sr;
+    ratio = std::exp((m - A.m) + (log_s - log_sk));  // Z / Z_K
   } else if (a.kl_mode == static_cast<int>(KLMode::K1)) {
     kl = -nll - static_cast<const Acc*>(a.ref_logprobs)[n];
     c = 1;
@@ -160,7 +175,9 @@ void row(const RowLossArgs& a, int64_t n) {
   terms[3] = entropy;
   if (!grad) return;
 
+  // grad_j = p_j [w' + alpha (log p_j + H) + beta (Z/Z_K)(log p~_j - log q~_j - kl)] - [j == y] w'
   const Acc wp = w - beta * c;
+  const Acc mk = A.m, mr = A.mr;
   alignas(64) Acc gb[kBlock];
   for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
     const int64_t len = std::min(kBlock, V - j0);
@@ -168,17 +185,20 @@ void row(const RowLossArgs& a, int64_t n) {
     const int64_t kl_len = r ? std::max<int64_t>(0, std::min(len, K - j0)) : 0;
     if (kl_len > 0) load_block(r + j0, kl_len, rb);
     for (int64_t i = 0; i < kl_len; ++i) {
-      const Acc p = exp_acc(zb[i] - lse);
-      const Acc base = wp + alpha * (zb[i] - ez) + beta * ratio * (zb[i] - rb[i] - D);
+      const Acc logp = (zb[i] - m) - log_s;
+      const Acc p = exp_acc(logp);
+      const Acc dkl = ((zb[i] - mk) - log_sk) - ((rb[i] - mr) - log_sr) - kl;
+      const Acc base = wp + alpha * (logp + entropy) + beta * ratio * dkl;
       gb[i] = p > 0 ? p * base : Acc(0);
     }
     for (int64_t i = kl_len; i < len; ++i) {
-      const Acc p = exp_acc(zb[i] - lse);
-      const Acc base = wp + alpha * (zb[i] - ez);
+      const Acc logp = (zb[i] - m) - log_s;
+      const Acc p = exp_acc(logp);
+      const Acc base = wp + alpha * (logp + entropy);
       gb[i] = p > 0 ? p * base : Acc(0);
     }
     if (y >= j0 && y < j0 + len) gb[y - j0] -= wp;
-    if (!(lse == lse)) std::fill(gb, gb + len, lse);  // NaN row: NaN gradient, not a finite one
+    if (!(log_s == log_s)) std::fill(gb, gb + len, log_s);  // NaN row: NaN gradient
     for (int64_t i = 0; i < len; ++i) grad[j0 + i] = from_acc<T>(scale * gb[i]);
   }
 }

@@ -15,13 +15,13 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 namespace rk {
 namespace {
 
 constexpr int kMaxThreads = 512;
-constexpr int kUnroll = 2;  // 16-byte packs in flight per thread per loop iteration
 
 // Accurate libm (not __expf): results are checked against a float64 reference.
 __device__ __forceinline__ float ex(float x) { return expf(x); }
@@ -46,11 +46,24 @@ __device__ __forceinline__ T from_acc(Acc x) {
 template <class T>
 struct alignas(16) Pack { T x[16 / sizeof(T)]; };
 
+// 16-byte global accesses. Stores use __stwb (st.global.wb.v4, the default write-back policy)
+// because plain uint4/Pack stores were split into narrow ones by the compiler for some kernels.
+template <class T>
+__device__ __forceinline__ Pack<T> load_pack(const T* src) {
+  const uint4 bits = *reinterpret_cast<const uint4*>(src);
+  Pack<T> pk;
+  memcpy(&pk, &bits, sizeof(pk));
+  return pk;
+}
+template <class T>
+__device__ __forceinline__ void store_pack(T* dst, const Pack<T>& pk) {
+  uint4 bits;
+  memcpy(&bits, &pk, sizeof(bits));
+  __stwb(reinterpret_cast<uint4*>(dst), bits);
+}
+
 template <class Acc, int N>
-struct Vals {
-  static constexpr int n = N;
-  Acc v[N];
-};
+struct Vals { Acc v[N]; };
 
 // Online-softmax state relative to its max m: s = sum e, t = sum e*(z - m), u = sum e*(z - r),
 // e = exp(z - m). m == -inf means empty (s = t = u = 0). NaN never becomes m (comparisons are
@@ -131,7 +144,9 @@ __device__ __forceinline__ int64_t aligned_head(int64_t len, size_t es, const vo
 // else r holds zeros. OUT: f returns the N values stored to g at the same columns.
 template <class T, class Acc, bool REF, bool OUT, class F>
 __device__ __forceinline__ void sweep(const T* z, const T* r, T* g, int64_t lo, int64_t hi, F&& f) {
-  constexpr int W = 16 / sizeof(T);
+  // Two packs in flight per thread hide latency; f64 (a test/reference dtype) keeps one to stay
+  // under 64 registers without spills.
+  constexpr int W = 16 / sizeof(T), U = sizeof(T) == 8 ? 1 : 2;
   const int64_t len = hi - lo;
   if (len <= 0) return;
   const int64_t head = aligned_head(len, sizeof(T), z + lo, REF ? r + lo : nullptr, OUT ? g + lo : nullptr);
@@ -147,18 +162,18 @@ __device__ __forceinline__ void sweep(const T* z, const T* r, T* g, int64_t lo, 
   for (int64_t j = lo + tail + threadIdx.x; j < hi; j += step) one(j);
 
   const int64_t base = lo + head;
-  for (int64_t k = threadIdx.x; k < nvec; k += kUnroll * step) {
-    Pack<T> zp[kUnroll] = {}, rp[kUnroll] = {};
+  for (int64_t k = threadIdx.x; k < nvec; k += U * step) {
+    Pack<T> zp[U] = {}, rp[U] = {};
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {  // issue all loads before any math (and any store)
+    for (int u = 0; u < U; ++u) {  // issue all loads before any math (and any store)
       const int64_t j = base + (k + u * step) * W;
       if (k + u * step < nvec) {
-        zp[u] = *reinterpret_cast<const Pack<T>*>(z + j);
-        if constexpr (REF) rp[u] = *reinterpret_cast<const Pack<T>*>(r + j);
+        zp[u] = load_pack(z + j);
+        if constexpr (REF) rp[u] = load_pack(r + j);
       }
     }
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t j = base + (k + u * step) * W;
       if (k + u * step >= nvec) break;
       Vals<Acc, W> zv, rv{};
@@ -172,7 +187,7 @@ __device__ __forceinline__ void sweep(const T* z, const T* r, T* g, int64_t lo, 
         Pack<T> gp;
 #pragma unroll
         for (int e = 0; e < W; ++e) gp.x[e] = from_acc<T>(gv.v[e]);
-        *reinterpret_cast<Pack<T>*>(g + j) = gp;
+        store_pack(g + j, gp);
       } else {
         f(j, zv, rv);
       }
@@ -192,7 +207,7 @@ __device__ __forceinline__ void fill_zero(T* g, int64_t len) {
 #pragma unroll
   for (int e = 0; e < W; ++e) zp.x[e] = zero;
   for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x)
-    *reinterpret_cast<Pack<T>*>(g + head + k * W) = zp;
+    store_pack(g + head + k * W, zp);
 }
 
 // Per-row constants of d loss / d z_j (see the header). KL: the FULL-KL term applies (j < K).

@@ -46,6 +46,19 @@ def _check_device(device: torch.device, **tensors: Optional[Tensor]) -> None:
             raise ValueError(f"{name} is on {t.device} but the logits/hidden are on {device}")
 
 
+def _check_label_range(labels: Tensor, V: int, ignore_index: int) -> None:
+    """Host-side check (a device sync on GPU). It runs inside the custom ops' bodies, which stay
+    eager under torch.compile, so the kernels never see an out-of-range label."""
+    if labels.numel():
+        bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
+        if bool(bad.any()):
+            value = int(labels[bad].flatten()[0])
+            raise ValueError(
+                f"label {value} is out of range for a vocabulary of {V} "
+                f"(labels must be in [0, {V}) or equal ignore_index={ignore_index})"
+            )
+
+
 def _check_labels(labels: Tensor, lead_shape: torch.Size, V: int, ignore_index: int) -> None:
     if not isinstance(labels, Tensor) or labels.dtype not in (
         torch.int64,
@@ -59,14 +72,6 @@ def _check_labels(labels: Tensor, lead_shape: torch.Size, V: int, ignore_index: 
         raise ValueError(
             f"labels shape {tuple(labels.shape)} must equal the leading shape {tuple(lead_shape)}"
         )
-    if labels.numel():
-        bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
-        if bool(bad.any()):
-            value = int(labels[bad].flatten()[0])
-            raise ValueError(
-                f"label {value} is out of range for a vocabulary of {V} "
-                f"(labels must be in [0, {V}) or equal ignore_index={ignore_index})"
-            )
 
 
 def _check_per_token(name: str, t: Optional[Tensor], lead_shape: torch.Size) -> None:
@@ -212,6 +217,7 @@ def _rows_op(
     backend: str,
     compute_grad: bool,
 ) -> Tuple[Tensor, Tensor]:
+    _check_label_range(labels, logits.shape[1], ignore_index)
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else None
     terms = _launch_rows(
         backend, logits, labels, weights, ref_logits, ref_logprobs, kl_mode, kl_vocab,
@@ -234,10 +240,10 @@ def _rows_setup(ctx, inputs, output):
 
 def _rows_backward(ctx, g_terms, g_grad):
     (grad,) = ctx.saved_tensors
-    if g_terms is None or grad.numel() == 0:
+    if g_terms is None or grad.dim() != 2:  # dim 1 (empty): gradient was not computed
         return (None,) * 12
     # only column 0 (the loss) is differentiable through this op; stats are returned detached
-    g = (grad * g_terms[:, :1].to(grad.dtype)) if grad.dtype != torch.float64 else grad * g_terms[:, :1]
+    g = grad * g_terms[:, :1].to(grad.dtype)
     return (g,) + (None,) * 11
 
 
@@ -353,6 +359,8 @@ def rationale_loss(
     be = resolve_backend(backend, logits.device)
 
     if be == "torch":
+        if not torch.compiler.is_compiling():
+            _check_label_range(labels, V, ignore_index)
         out = ref_impl.rationale_loss_terms(
             logits, labels, token_weights=token_weights,
             ref_logits=ref_logits if kl_mode == 1 else None,
@@ -464,6 +472,7 @@ def _fused_op(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(terms [N, 4], grad_hidden, grad_weight, grad_bias) with every row's gradient scale 1;
     grads not asked for are empty."""
+    _check_label_range(labels, weight.shape[0], ignore_index)
     terms, gh, gw, gb = _fused_chunks(
         backend, hidden, weight, bias, labels, weights, ref_hidden, ref_weight, ref_bias,
         ref_logprobs, kl_mode, kl_vocab, kl_coef, entropy_coef, ignore_index, chunk_size, None,
@@ -610,6 +619,8 @@ def fused_linear_rationale_loss(
     be = resolve_backend(backend, hidden.device)
 
     if be == "torch":
+        if not torch.compiler.is_compiling():
+            _check_label_range(labels, V, ignore_index)
         logits = torch.nn.functional.linear(hidden, weight, bias)
         ref_logits = None
         if kl_mode == 1:

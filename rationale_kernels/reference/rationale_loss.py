@@ -44,9 +44,12 @@ def rationale_loss_terms(
     valid = y != ignore_index
     y_safe = torch.where(valid, y, torch.zeros_like(y))
 
+    # Full-vocabulary work runs in the logits' dtype (like eager user code); the per-token scalars
+    # are then kept in at least float32, as the kernels do (k3's exp overflows float16 otherwise).
+    acc = torch.promote_types(logits.dtype, torch.float32)
     logp = F.log_softmax(z, dim=-1)
-    nll = -logp.gather(1, y_safe[:, None]).squeeze(1)
-    entropy = -_xlogy_safe(logp.exp(), logp).sum(-1)
+    nll = -logp.gather(1, y_safe[:, None]).squeeze(1).to(acc)
+    entropy = -_xlogy_safe(logp.exp(), logp).sum(-1).to(acc)
 
     if kl == "full" and ref_logits is not None:
         K = V if kl_vocab is None else kl_vocab
@@ -54,7 +57,7 @@ def rationale_loss_terms(
         logq_k = F.log_softmax(ref_logits.reshape(-1, ref_logits.shape[-1])[:, :K].detach(), dim=-1)
         p_k = logp_k.exp()
         # p log p - p log q, each guarded where p == 0
-        kl_t = (_xlogy_safe(p_k, logp_k) - _xlogy_safe(p_k, logq_k)).sum(-1)
+        kl_t = (_xlogy_safe(p_k, logp_k) - _xlogy_safe(p_k, logq_k)).sum(-1).to(acc)
     elif kl in ("k1", "k3") and ref_logprobs is not None:
         ref = ref_logprobs.reshape(-1).detach().to(nll.dtype)
         if kl == "k1":

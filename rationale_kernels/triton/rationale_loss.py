@@ -12,6 +12,8 @@ row, two streaming passes over the vocabulary in BLOCK_V chunks.
 -inf logits are probability 0: every "e * (z - m)" product is guarded with tl.where so that no
 0 * inf appears, while NaN / +inf logits still reach exp() and turn the row's terms into NaN.
 """
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -46,11 +48,11 @@ def _seg_lse(m, s):
 
 
 @triton.jit
-def _seg_plogp(m, s, t, lse):
-    # sum_{v in seg} p_v (z_v - lse) with p = softmax over the whole row (0 for an empty segment).
+def _seg_plogp(m, s, t, M, logS):
+    # sum_{v in seg} p_v (z_v - lse), lse = M + logS, p = softmax over the whole row (0 if empty).
     empty = m == float("-inf")
-    w = tl.exp(tl.where(empty, 0.0, m - lse))
-    return tl.where(empty, 0.0, w * (t + s * (m - lse)))
+    d = tl.where(empty, 0.0, (m - M) - logS)  # m - lse without rounding against a large lse
+    return tl.where(empty, 0.0, tl.exp(d) * (t + s * d))
 
 
 @triton.jit
@@ -103,18 +105,20 @@ def _rationale_loss_kernel(
             else:
                 mA, sA, tA, _eA, _fA = _block_stats(z, mA, sA, tA)
 
-        lseA = _seg_lse(mA, sA)
+        # lse = M + logS with M = max(mA, mB). Like log_softmax, nll and H use M and logS apart so
+        # that a small nll does not cancel against a large lse.
         if KL_MODE == 1:
-            lseB = _seg_lse(mB, sB)
-            mx = tl.maximum(lseA, lseB)
-            mx_safe = tl.where(mx == NEG_INF, 0.0, mx)
-            lse = mx_safe + tl.log(tl.exp(lseA - mx_safe) + tl.exp(lseB - mx_safe))
-            ent = -(_seg_plogp(mA, sA, tA, lse) + _seg_plogp(mB, sB, tB, lse))
+            M = tl.maximum(mA, mB)
+            M0 = tl.where(M == NEG_INF, 0.0, M)   # all -inf row: no -inf - -inf
+            logS = tl.log(sA * tl.exp(mA - M0) + sB * tl.exp(mB - M0))
+            ent = -(_seg_plogp(mA, sA, tA, M, logS) + _seg_plogp(mB, sB, tB, M, logS))
         else:
-            lse = lseA
-            ent = -_seg_plogp(mA, sA, tA, lse)
-
-        nll = lse - tl.load(z_row + y).to(ACC)
+            M = mA
+            logS = tl.log(sA)
+            ent = -_seg_plogp(mA, sA, tA, M, logS)
+        lse = M + logS
+        lseA = _seg_lse(mA, sA)
+        nll = (M - tl.load(z_row + y).to(ACC)) + logS
         w = tl.full([], 1.0, ACC)
         if HAS_WEIGHTS:
             w = tl.load(weights_ptr + row).to(ACC)
@@ -128,9 +132,11 @@ def _rationale_loss_kernel(
             kl = -nll - tl.load(ref_lp_ptr + row).to(ACC)
             wp = w - kl_coef
         if KL_MODE == 3:
-            rho = tl.load(ref_lp_ptr + row).to(ACC) + nll
-            kl = tl.exp(rho) - 1.0 - rho
-            wp = w - kl_coef * (1.0 - tl.exp(rho))
+            # exp(rho) - 1 - rho cancels for the small rho of training: one scalar in fp64 is free.
+            rho = tl.load(ref_lp_ptr + row).to(tl.float64) + nll.to(tl.float64)
+            er = tl.exp(rho)
+            kl = (er - 1.0 - rho).to(ACC)
+            wp = w - kl_coef * (1.0 - er).to(ACC)
         loss = w * nll + kl_coef * kl - entropy_coef * ent
 
         t4 = tl.arange(0, 4)
@@ -159,12 +165,14 @@ def _rationale_loss_kernel(
                 tl.store(g_row + cols, (scale * g).to(grad_ptr.dtype.element_ty), mask=valid)
 
 
-def _launch_config(V: int, dtype: torch.dtype):
-    # Big blocks amortise the per-block reductions; ~16 fp32 elements per thread keeps the ~8 live
-    # block vectors of pass 1 in registers (half the block for fp64).
+def _launch_config(V: int, dtype: torch.dtype, full: bool):
+    # Big blocks amortise the per-block reductions. Warps are sized so each thread holds ~16 fp32
+    # lanes per block vector (8 for FULL, which keeps ~2x more live vectors; halved again for fp64):
+    # no register spills on sm_90 (ptxas, triton 3.9: <= 88 regs fp32/bf16/fp16, <= 106 fp64).
     cap = 2048 if dtype == torch.float64 else 4096
     block = min(triton.next_power_of_2(max(V, 1)), cap)
-    num_warps = max(1, min(8, block // 512))
+    per_thread = (8 if full else 16) // (2 if dtype == torch.float64 else 1)
+    num_warps = max(1, min(16, block // (32 * per_thread)))
     return block, num_warps
 
 
@@ -189,19 +197,21 @@ def rationale_loss_rows(logits, labels, weights, ref_logits, ref_logprobs, kl_mo
     if grad is not None:
         assert grad.shape == logits.shape and grad.stride(1) == 1 and grad.dtype == logits.dtype
 
-    block, num_warps = _launch_config(V, logits.dtype)
+    block, num_warps = _launch_config(V, logits.dtype, full)
     dummy = terms  # any valid pointer for arguments that compile away
-    _rationale_loss_kernel[(N,)](
-        logits, logits.stride(0), labels,
-        weights if weights is not None else dummy,
-        ref_logits if full else logits, ref_logits.stride(0) if full else 0,
-        ref_logprobs if ref_logprobs is not None else dummy,
-        row_scale if row_scale is not None else dummy,
-        grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
-        terms,
-        V, K, float(kl_coef), float(entropy_coef), int(ignore_index),
-        KL_MODE=int(kl_mode), HAS_WEIGHTS=weights is not None, HAS_SCALE=row_scale is not None,
-        HAS_GRAD=grad is not None, ACC=_ACC[logits.dtype], BLOCK_V=block,
-        num_warps=num_warps,
-    )
+    # Triton launches on the current CUDA device: make it the tensors' device.
+    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+        _rationale_loss_kernel[(N,)](
+            logits, logits.stride(0), labels,
+            weights if weights is not None else dummy,
+            ref_logits if full else logits, ref_logits.stride(0) if full else 0,
+            ref_logprobs if ref_logprobs is not None else dummy,
+            row_scale if row_scale is not None else dummy,
+            grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
+            terms,
+            V, K, float(kl_coef), float(entropy_coef), int(ignore_index),
+            KL_MODE=int(kl_mode), HAS_WEIGHTS=weights is not None, HAS_SCALE=row_scale is not None,
+            HAS_GRAD=grad is not None, ACC=_ACC[logits.dtype], BLOCK_V=block,
+            num_warps=num_warps,
+        )
     return terms

@@ -1,4 +1,4 @@
-"""Backend selection shared by every op: ``backend="auto" | "torch" | "cpu" | "triton" | "cuda"``."""
+"""Backend selection shared by every op: ``backend="auto"|"torch"|"cpu"|"triton"|"cuda"``."""
 
 from __future__ import annotations
 

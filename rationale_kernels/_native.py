@@ -54,7 +54,9 @@ def build_info() -> dict:
     if _C is not None:
         info.update(_C.build_info())
     else:
-        info.update(cpu=False, cuda=False, openmp=False, cuda_archs="", import_error=str(_IMPORT_ERROR))
+        info.update(
+            cpu=False, cuda=False, openmp=False, cuda_archs="", import_error=str(_IMPORT_ERROR)
+        )
     info["torch"] = torch.__version__
     info["torch_cuda_available"] = torch.cuda.is_available()
     try:

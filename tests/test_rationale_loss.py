@@ -8,8 +8,7 @@ import torch
 import rationale_kernels as rk
 from rationale_kernels import _native
 from rationale_kernels.reference import rationale_loss as ref
-
-from ._helpers import assert_idiom, rel_err
+from rationale_kernels.testing import assert_idiom, rel_err
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -59,11 +58,17 @@ def make_case(N, V, dtype, opts, seed=0, scale=3.0, device=DEV):
         # a reference close to the policy, as in training (k3's exp(rho) overflows fp16 otherwise)
         logp = torch.log_softmax(z.double(), -1).gather(1, y.clamp_min(0)[:, None]).squeeze(1)
         kw["ref_logprobs"] = logp + torch.randn(N, generator=g, dtype=torch.float64) * 0.5
-    return z.to(device), y.to(device), {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()}
+    return (
+        z.to(device),
+        y.to(device),
+        {k: v.to(device) if torch.is_tensor(v) else v for k, v in kw.items()},
+    )
 
 
 def upcast(kw):
-    return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
+    return {
+        k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()
+    }
 
 
 def run(z, y, kw, backend, reduction="none", upstream=None):
@@ -123,7 +128,7 @@ def test_gradcheck_float64(backend, opt):
         pytest.skip("native module not built")
     z, y, kw = make_case(4, 6, torch.float64, OPTIONS[opt], scale=1.0)
     for red in ("none", "mean"):
-        f = lambda zz: rk.rationale_loss(zz, y, reduction=red, backend=backend, **kw)  # noqa: E731
+        f = lambda zz: rk.rationale_loss(zz, y, reduction=red, backend=backend, **kw)  # noqa: E731, B023
         assert torch.autograd.gradcheck(f, (z.requires_grad_(),))
 
 
@@ -181,7 +186,9 @@ def test_non_contiguous_and_batched(backend):
     for name, z in cases.items():
         yy = y.clamp_max(z.shape[-1] - 1)
         out, grad = run(z, yy, {"entropy_coef": 0.3}, backend, "none", torch.ones(2, 5))
-        out64, grad64 = run(z.contiguous(), yy, {"entropy_coef": 0.3}, "torch", "none", torch.ones(2, 5))
+        out64, grad64 = run(
+            z.contiguous(), yy, {"entropy_coef": 0.3}, "torch", "none", torch.ones(2, 5)
+        )
         assert out.shape == (2, 5), name
         assert rel_err(out, out64) < 1e-6 and rel_err(grad, grad64) < 1e-6, name
 
@@ -303,11 +310,14 @@ def test_fused_linear_gradcheck_float64():
         pytest.skip("native module not built")
     h, w, b, y, kw = make_linear_case(6, 5, 9, torch.float64, OPTIONS["full_vocab"])
     for red in ("mean", "none"):
+
         def f(hh, ww, bb):
-            return rk.fused_linear_rationale_loss(hh, ww, y, bias=bb, reduction=red, chunk_size=4,
+            return rk.fused_linear_rationale_loss(hh, ww, y, bias=bb, reduction=red, chunk_size=4,  # noqa: B023
                                                   backend="cpu", **kw)  # fmt: skip
 
-        assert torch.autograd.gradcheck(f, (h.requires_grad_(), w.requires_grad_(), b.requires_grad_()))
+        assert torch.autograd.gradcheck(
+            f, (h.requires_grad_(), w.requires_grad_(), b.requires_grad_())
+        )
 
 
 def test_fused_linear_3d_and_frozen_weight():
@@ -343,12 +353,21 @@ def _z():
         (lambda z, y, kw: (z, y.float(), kw), TypeError, "integer"),
         (lambda z, y, kw: (z, y[:2], kw), ValueError, "leading shape"),
         (lambda z, y, kw: (z.long(), y, kw), TypeError, "float32"),
-        (lambda z, y, kw: (z, y, {"ref_logits": torch.randn(2, 10), "kl_coef": 0.1}), ValueError,
-         "does not match"),
-        (lambda z, y, kw: (z, y, {"ref_logits": torch.randn(3, 12), "kl_coef": 0.1}), ValueError,
-         "kl_vocab"),
-        (lambda z, y, kw: (z, y, {"ref_logits": torch.randn(3, 10).double(), "kl_coef": 0.1}),
-         TypeError, "dtype"),
+        (
+            lambda z, y, kw: (z, y, {"ref_logits": torch.randn(2, 10), "kl_coef": 0.1}),
+            ValueError,
+            "does not match",
+        ),
+        (
+            lambda z, y, kw: (z, y, {"ref_logits": torch.randn(3, 12), "kl_coef": 0.1}),
+            ValueError,
+            "kl_vocab",
+        ),
+        (
+            lambda z, y, kw: (z, y, {"ref_logits": torch.randn(3, 10).double(), "kl_coef": 0.1}),
+            TypeError,
+            "dtype",
+        ),
         (lambda z, y, kw: (z, y, {"kl_coef": 0.1}), ValueError, "needs reference"),
         (lambda z, y, kw: (z, y, {"kl": "k3", "kl_coef": 0.1}), ValueError, "ref_logprobs"),
         (lambda z, y, kw: (z, y, {"kl": "k2"}), ValueError, "kl must be"),
@@ -356,13 +375,20 @@ def _z():
         (lambda z, y, kw: (z, y, {"kl": "k1", "kl_vocab": 5}), ValueError, "kl_vocab"),
         (lambda z, y, kw: (z, y, {"token_weights": torch.ones(4)}), ValueError, "token_weights"),
         (lambda z, y, kw: (z, y, {"reduction": "avg"}), ValueError, "reduction"),
-        (lambda z, y, kw: (z, y, {"reduction": "sum", "normalizer": 3.0}), ValueError, "normalizer"),
+        (
+            lambda z, y, kw: (z, y, {"reduction": "sum", "normalizer": 3.0}),
+            ValueError,
+            "normalizer",
+        ),
         (lambda z, y, kw: (z, y, {"normalizer": 0.0}), ValueError, "normalizer"),
         (lambda z, y, kw: (z, y, {"kl_coef": math.nan}), ValueError, "finite"),
         (lambda z, y, kw: (z, y, {"backend": "numpy"}), ValueError, "backend"),
         (lambda z, y, kw: (z, y, {"backend": "cuda"}), (RuntimeError, ValueError), "cuda"),
-        (lambda z, y, kw: (z, y, {"ref_logprobs": torch.zeros(3, device="meta"), "kl": "k1"}),
-         ValueError, "meta"),
+        (
+            lambda z, y, kw: (z, y, {"ref_logprobs": torch.zeros(3, device="meta"), "kl": "k1"}),
+            ValueError,
+            "meta",
+        ),
     ],
 )
 def test_bad_input(mutate, err, match):
@@ -388,8 +414,11 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
         (dict(weight=torch.randn(10, 8).double()), TypeError, "dtype"),
         (dict(bias=torch.randn(9)), ValueError, "bias"),
         (dict(ref_hidden=torch.randn(3, 8)), ValueError, "together"),
-        (dict(ref_hidden=torch.randn(2, 8), ref_weight=torch.randn(10, 8), kl_coef=0.1), ValueError,
-         "leading shape"),
+        (
+            dict(ref_hidden=torch.randn(2, 8), ref_weight=torch.randn(10, 8), kl_coef=0.1),
+            ValueError,
+            "leading shape",
+        ),
         (dict(chunk_size=0), ValueError, "chunk_size"),
     ],
 )

@@ -165,9 +165,9 @@ void row(const RowLossArgs& a, int64_t n) {
     c = 1;
   } else if (a.kl_mode == static_cast<int>(KLMode::K3)) {
     const Acc rho = static_cast<const Acc*>(a.ref_logprobs)[n] + nll;
-    const Acc er = std::exp(rho);
-    kl = er - 1 - rho;
-    c = 1 - er;
+    const Acc em1 = std::expm1(rho);  // exp(rho) - 1 without cancellation for small rho
+    kl = em1 - rho;
+    c = -em1;
   }
   terms[0] = w * nll + beta * kl - alpha * entropy;
   terms[1] = nll;

@@ -2,8 +2,8 @@
 
 Design: the kernels compute, per token, the four terms (loss, nll, kl, entropy) and d loss_t / d z_t
 in the same launch. Reductions then happen in plain torch on the [N] per-token losses.
-- ``rationale_loss`` keeps d loss_t / d z_t (one [N, V] buffer, like autograd's saved softmax) and its
-  backward scales each row by the incoming gradient, so every reduction works.
+- ``rationale_loss`` keeps d loss_t / d z_t (one [N, V] buffer, like autograd's saved softmax) and
+  its backward scales each row by the incoming gradient, so every reduction works.
 - ``fused_linear_rationale_loss`` computes logits chunk by chunk (chunk @ W^T via torch), the kernel
   turns each chunk into its gradient in place, and grad_hidden / grad_weight are accumulated right
   there: peak extra memory O(chunk * V). For reduction="none" the per-row scales are unknown at
@@ -80,10 +80,14 @@ def _check_per_token(name: str, t: Optional[Tensor], lead_shape: torch.Size) -> 
     if not isinstance(t, Tensor) or not t.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor")
     if t.shape != lead_shape:
-        raise ValueError(f"{name} shape {tuple(t.shape)} must equal labels shape {tuple(lead_shape)}")
+        raise ValueError(
+            f"{name} shape {tuple(t.shape)} must equal labels shape {tuple(lead_shape)}"
+        )
 
 
-def _kl_mode(kl, kl_vocab, V, ref_width, has_ref_logits, has_ref_logprobs, kl_coef) -> Tuple[int, int]:
+def _kl_mode(
+    kl, kl_vocab, V, ref_width, has_ref_logits, has_ref_logprobs, kl_coef
+) -> Tuple[int, int]:
     """Checks the KL options; returns (kernel kl_mode, K)."""
     if kl not in ("full", "k1", "k3"):
         raise ValueError(f"kl must be 'full', 'k1' or 'k3', got {kl!r}")
@@ -604,7 +608,9 @@ def fused_linear_rationale_loss(
     if has_ref:
         if ref_hidden is None or ref_weight is None:
             raise ValueError("ref_hidden and ref_weight must be given together")
-        _check_linear("ref_hidden", ref_hidden, "ref_weight", ref_weight, "ref_bias", ref_bias, lead)
+        _check_linear(
+            "ref_hidden", ref_hidden, "ref_weight", ref_weight, "ref_bias", ref_bias, lead
+        )
         if ref_hidden.dtype != hidden.dtype:
             raise TypeError(f"ref_hidden dtype {ref_hidden.dtype} != hidden dtype {hidden.dtype}")
     elif ref_bias is not None:

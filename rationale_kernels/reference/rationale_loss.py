@@ -1,9 +1,10 @@
-"""Readable pure-PyTorch reference of the rationale loss: the oracle for tests and the eager baseline
-for benchmarks. Works in any floating dtype (float64 for tests); materialises full log-probs.
+"""Readable pure-PyTorch reference of the rationale loss: the oracle for tests and the eager
+baseline for benchmarks. Works in any floating dtype (float64 for tests); materialises
+full log-probs.
 
 Per valid token t (label != ignore_index), with p = softmax(z_t), q = softmax(r_t):
     nll_t = -log p[y_t]
-    kl_t  = sum_v p~_v (log p~_v - log q~_v)       kl="full"; p~, q~ renormalised over ids < kl_vocab
+    kl_t  = sum_v p~_v (log p~_v - log q~_v)       kl="full" (p~, q~ over ids < kl_vocab)
           = logp_t - ref_logp_t                     kl="k1"
           = exp(rho) - 1 - rho, rho = ref_logp_t - logp_t     kl="k3"
     H_t   = -sum_v p_v log p_v

@@ -7,11 +7,12 @@ row, two streaming passes over the vocabulary in BLOCK_V chunks.
           restricted softmax over the first K ids comes out of the same sweep:
             m = running max, s = sum e^{z-m}, t = sum e^{z-m} (z-m),
             u = sum_A e^{z-mA} (z-r),  mr / sr = max / sum e^{r-mr} of the reference logits on A.
-  pass 2: (grad only) p = e^{z-lse} and the closed-form gradient of the header.
+  pass 2: (grad only) p = e^{z-lse}, p~ = e^{z-lse_K} and the closed-form gradient of the header.
 
 -inf logits are probability 0: every "e * (z - m)" product is guarded with tl.where so that no
 0 * inf appears, while NaN / +inf logits still reach exp() and turn the row's terms into NaN.
 """
+
 import contextlib
 
 import torch
@@ -20,18 +21,22 @@ import triton.language as tl
 
 KL_NONE, KL_FULL, KL_K1, KL_K3 = 0, 1, 2, 3
 
-_ACC = {torch.float32: tl.float32, torch.bfloat16: tl.float32, torch.float16: tl.float32,
-        torch.float64: tl.float64}
+_ACC = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.float32,
+    torch.float16: tl.float32,
+    torch.float64: tl.float64,
+}
 
 
 @triton.jit
 def _block_stats(z, m_old, s_old, t_old):
     """Merge one block (masked lanes = -inf) into the running (m, s, t); also return the lane
-    weights e = e^{z-m} and the new max, which the caller needs for the u / ref sums."""
+    weights e = e^{z-m} and the rescale factor f of the old state, for the u sum."""
     m = tl.maximum(m_old, tl.max(z, 0))
     live = z != float("-inf")
-    dz = tl.where(live, z - m, 0.0)           # m may be -inf when the whole block is -inf
-    e = tl.where(live, tl.exp(dz), 0.0)       # NaN / +inf survive (NaN != -inf)
+    dz = tl.where(live, z - m, 0.0)  # m may be -inf when the whole block is -inf
+    e = tl.where(live, tl.exp(dz), 0.0)  # NaN / +inf survive (NaN != -inf)
     # Rescale the old state to the new max; an empty old state (m_old = -inf) contributes nothing.
     empty = m_old == float("-inf")
     f = tl.where(empty, 0.0, tl.exp(m_old - m))
@@ -39,12 +44,6 @@ def _block_stats(z, m_old, s_old, t_old):
     s = f * s_old + tl.sum(e, 0)
     t = f * (t_old + s_old * dm) + tl.sum(e * dz, 0)
     return m, s, t, e, f
-
-
-@triton.jit
-def _seg_lse(m, s):
-    # log-sum-exp of one segment; an empty segment (m = -inf, s = 0) gives -inf, not NaN.
-    return tl.where(m == float("-inf"), float("-inf"), m + tl.log(s))
 
 
 @triton.jit
@@ -56,14 +55,43 @@ def _seg_plogp(m, s, t, M, logS):
 
 
 @triton.jit
+def _round_bf16(x):
+    # fp32 -> nearest-even bf16 value (still fp32), NaN kept. Only for the Triton interpreter, whose
+    # fp32 -> bf16 cast truncates; compiled code uses cvt.rn, which this reproduces.
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _rationale_loss_kernel(
-    logits_ptr, logits_ld, labels_ptr, weights_ptr, ref_ptr, ref_ld, ref_lp_ptr,
-    scale_ptr, grad_ptr, grad_ld, terms_ptr,
-    V, K, kl_coef, entropy_coef, ignore_index,
-    KL_MODE: tl.constexpr, HAS_WEIGHTS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+    logits_ptr,
+    logits_ld,
+    labels_ptr,
+    weights_ptr,
+    ref_ptr,
+    ref_ld,
+    ref_lp_ptr,
+    scale_ptr,
+    grad_ptr,
+    grad_ld,
+    terms_ptr,
+    V,
+    K,
+    kl_hi,
+    kl_lo,
+    ent_hi,
+    ent_lo,
+    ignore_index,
+    KL_MODE: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
+    ACC: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    RN_BF16: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)       # int64: row * ld can exceed 2^31
+    row = tl.program_id(0).to(tl.int64)  # int64: row * ld can exceed 2^31
     cols0 = tl.arange(0, BLOCK_V)
     z_row = logits_ptr + row * logits_ld
     r_row = ref_ptr + row * ref_ld
@@ -71,14 +99,20 @@ def _rationale_loss_kernel(
     y = tl.load(labels_ptr + row)
     NEG_INF: tl.constexpr = float("-inf")
     zero = tl.full([], 0.0, ACC)
+    # float arguments arrive as fp32: hi + lo restores the coefficients to ~2^-48 for fp64
+    kl_coef = (zero + kl_hi) + kl_lo
+    entropy_coef = (zero + ent_hi) + ent_lo
 
     if y == ignore_index:
         tl.store(terms_ptr + row * 4 + tl.arange(0, 4), tl.zeros([4], ACC))
         if HAS_GRAD:
             for start in range(0, V, BLOCK_V):
                 cols = start + cols0
-                tl.store(g_row + cols, tl.zeros([BLOCK_V], ACC).to(grad_ptr.dtype.element_ty),
-                         mask=cols < V)
+                tl.store(
+                    g_row + cols,
+                    tl.zeros([BLOCK_V], ACC).to(grad_ptr.dtype.element_ty),
+                    mask=cols < V,
+                )
     else:
         # ---- pass 1: segment statistics (segment B is empty unless FULL) ----
         mA = tl.full([], NEG_INF, ACC)
@@ -109,25 +143,24 @@ def _rationale_loss_kernel(
         # that a small nll does not cancel against a large lse.
         if KL_MODE == 1:
             M = tl.maximum(mA, mB)
-            M0 = tl.where(M == NEG_INF, 0.0, M)   # all -inf row: no -inf - -inf
+            M0 = tl.where(M == NEG_INF, 0.0, M)  # all -inf row: no -inf - -inf
             logS = tl.log(sA * tl.exp(mA - M0) + sB * tl.exp(mB - M0))
             ent = -(_seg_plogp(mA, sA, tA, M, logS) + _seg_plogp(mB, sB, tB, M, logS))
         else:
             M = mA
             logS = tl.log(sA)
             ent = -_seg_plogp(mA, sA, tA, M, logS)
-        lse = M + logS
-        lseA = _seg_lse(mA, sA)
         nll = (M - tl.load(z_row + y).to(ACC)) + logS
         w = tl.full([], 1.0, ACC)
         if HAS_WEIGHTS:
             w = tl.load(weights_ptr + row).to(ACC)
         kl = zero
-        wp = w                                  # w' = w - kl_coef * c (c = dKL/dnll)
-        lse_rK = zero
+        wp = w  # w' = w - kl_coef * c (c = dKL/dnll)
+        D = zero  # E_p~[z - r] (FULL)
         if KL_MODE == 1:
-            lse_rK = _seg_lse(mr, sr)
-            kl = uA / sA - lseA + lse_rK        # sum p~ (z - r) - lse_K + lse_rK
+            D = uA / sA
+            # kl = D - lse_K + lse_rK, with the maxima taken apart so that large logits do not round
+            kl = D - (mA - mr) - (tl.log(sA) - tl.log(sr))
         if KL_MODE == 2:
             kl = -nll - tl.load(ref_lp_ptr + row).to(ACC)
             wp = w - kl_coef
@@ -148,21 +181,27 @@ def _rationale_loss_kernel(
             scale = tl.full([], 1.0, ACC)
             if HAS_SCALE:
                 scale = tl.load(scale_ptr + row).to(ACC)
-            ez = lse - ent                      # E_p z
-            ratio = tl.exp(lse - lseA)          # Z / Z_K
-            D = lseA - lse_rK + kl
+            log_sA = tl.log(sA)
             for start in range(0, V, BLOCK_V):
                 cols = start + cols0
                 valid = cols < V
                 z = tl.load(z_row + cols, mask=valid, other=NEG_INF).to(ACC)
-                p = tl.exp(z - lse)
-                inner = wp + entropy_coef * (z - ez)
+                # log p and log p~ centred like log_softmax (no rounding against a large lse);
+                # z - E_p z = log p + H.
+                logp = (z - M) - logS
+                p = tl.exp(logp)
+                # p == 0 (z = -inf) contributes exactly 0; a NaN p is kept so NaN rows stay NaN.
+                g = tl.where(p == 0.0, 0.0, p * (wp + entropy_coef * (logp + ent)))
                 if KL_MODE == 1:
-                    r = tl.load(r_row + cols, mask=cols < K, other=0.0).to(ACC)
-                    inner += tl.where(cols < K, kl_coef * ratio * (z - r - D), 0.0)
-                # p == 0 (z = -inf) contributes exactly 0; NaN p is kept so NaN rows stay NaN.
-                g = tl.where(p == 0.0, 0.0, p * inner) - tl.where(cols == y, wp, 0.0)
-                tl.store(g_row + cols, (scale * g).to(grad_ptr.dtype.element_ty), mask=valid)
+                    inK = cols < K
+                    r = tl.load(r_row + cols, mask=inK, other=0.0).to(ACC)
+                    pk = tl.exp((z - mA) - log_sA)  # p~ = p * Z / Z_K
+                    g += tl.where(inK & (pk != 0.0), kl_coef * pk * (z - r - D), 0.0)
+                g -= tl.where(cols == y, wp, 0.0)
+                g = scale * g
+                if RN_BF16:
+                    g = _round_bf16(g)
+                tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
 def _launch_config(V: int, dtype: torch.dtype, full: bool):
@@ -176,8 +215,26 @@ def _launch_config(V: int, dtype: torch.dtype, full: bool):
     return block, num_warps
 
 
-def rationale_loss_rows(logits, labels, weights, ref_logits, ref_logprobs, kl_mode: int, kl_vocab: int,
-                        kl_coef: float, entropy_coef: float, ignore_index: int, row_scale, grad) -> torch.Tensor:
+def _split(x: float):
+    # x = hi + lo with both fp32-representable (Triton passes Python floats as fp32)
+    hi = float(torch.tensor(float(x), dtype=torch.float32))
+    return hi, float(torch.tensor(float(x) - hi, dtype=torch.float32))
+
+
+def rationale_loss_rows(
+    logits,
+    labels,
+    weights,
+    ref_logits,
+    ref_logprobs,
+    kl_mode: int,
+    kl_vocab: int,
+    kl_coef: float,
+    entropy_coef: float,
+    ignore_index: int,
+    row_scale,
+    grad,
+) -> torch.Tensor:
     """Per-row (loss, nll, kl, entropy) terms, [N, 4] in the accumulation type (float32; float64
     for float64 logits). Writes row_scale * dloss/dlogits into grad when given (may be logits)."""
     if logits.dtype not in _ACC:
@@ -202,16 +259,30 @@ def rationale_loss_rows(logits, labels, weights, ref_logits, ref_logprobs, kl_mo
     # Triton launches on the current CUDA device: make it the tensors' device.
     with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
         _rationale_loss_kernel[(N,)](
-            logits, logits.stride(0), labels,
+            logits,
+            logits.stride(0),
+            labels,
             weights if weights is not None else dummy,
-            ref_logits if full else logits, ref_logits.stride(0) if full else 0,
+            ref_logits if full else logits,
+            ref_logits.stride(0) if full else 0,
             ref_logprobs if ref_logprobs is not None else dummy,
             row_scale if row_scale is not None else dummy,
-            grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
+            grad if grad is not None else logits,
+            grad.stride(0) if grad is not None else 0,
             terms,
-            V, K, float(kl_coef), float(entropy_coef), int(ignore_index),
-            KL_MODE=int(kl_mode), HAS_WEIGHTS=weights is not None, HAS_SCALE=row_scale is not None,
-            HAS_GRAD=grad is not None, ACC=_ACC[logits.dtype], BLOCK_V=block,
+            V,
+            K,
+            *_split(kl_coef),
+            *_split(entropy_coef),
+            int(ignore_index),
+            KL_MODE=int(kl_mode),
+            HAS_WEIGHTS=weights is not None,
+            HAS_SCALE=row_scale is not None,
+            HAS_GRAD=grad is not None,
+            ACC=_ACC[logits.dtype],
+            BLOCK_V=block,
+            # CPU tensors mean the interpreter: emulate the GPU's round-to-nearest bf16 store
+            RN_BF16=logits.dtype == torch.bfloat16 and not logits.is_cuda,
             num_warps=num_warps,
         )
     return terms

@@ -1,4 +1,6 @@
-"""Tolerance idiom of DESIGN.md §3: err(kernel, ref64) <= 2 * err(torch at same dtype, ref64) + eps."""
+"""Test helpers shipped with the package (users test their own backends with them).
+
+Tolerance idiom of DESIGN.md §3: err(kernel, ref64) <= 2 * err(torch at same dtype, ref64) + eps."""
 
 import torch
 

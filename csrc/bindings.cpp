@@ -50,9 +50,6 @@ rk::RowLossArgs make_args(int64_t n, int64_t v, std::uintptr_t logits, int64_t l
   return a;
 }
 
-#define RK_STR2(x) #x
-#define RK_STR(x) RK_STR2(x)
-
 py::dict build_info() {
   py::dict d;
   d["cpu"] = true;
@@ -65,15 +62,15 @@ py::dict build_info() {
 #endif
 #ifdef RK_WITH_CUDA
   d["cuda"] = true;
-  d["cuda_archs"] = std::string(RK_STR(RK_CUDA_ARCHS));
-  d["cuda_version"] = std::string(RK_STR(RK_CUDA_VERSION));
+  d["cuda_archs"] = std::string(RK_CUDA_ARCHS);
+  d["cuda_version"] = std::string(RK_CUDA_VERSION);
 #else
   d["cuda"] = false;
   d["cuda_archs"] = std::string();
   d["cuda_version"] = py::none();
 #endif
-  d["compiler"] = std::string(RK_STR(RK_CXX_COMPILER));
-  d["build_type"] = std::string(RK_STR(RK_BUILD_TYPE));
+  d["compiler"] = std::string(RK_CXX_COMPILER);
+  d["build_type"] = std::string(RK_BUILD_TYPE);
   return d;
 }
 

@@ -1,5 +1,6 @@
 // CPU row kernel of the rationale loss (contract and math: ../rationale_loss.h).
-// One OpenMP task per row. Each row is processed in blocks of kBlock elements converted to the
+// One OpenMP task per row. The reduction loops carry `omp simd` (reassociation allowed there only)
+// and the file is built with -fno-trapping-math so that guarded selects become vector blends. Each row is processed in blocks of kBlock elements converted to the
 // accumulation type: pass 1 keeps an online-softmax state per segment ([0, K) and [K, V)), pass 2
 // writes d loss / d logits (possibly in place). The block loops are branch-free so GCC vectorises them.
 #include <algorithm>
@@ -38,6 +39,7 @@ inline void load_block(const T* src, int64_t len, Acc* dst) {
 template <typename Acc>
 inline Acc block_max(const Acc* x, int64_t len, int& nan) {
   Acc bm = -std::numeric_limits<Acc>::infinity();
+#pragma omp simd reduction(max : bm) reduction(| : nan)
   for (int64_t i = 0; i < len; ++i) {
     bm = x[i] > bm ? x[i] : bm;
     nan |= (x[i] != x[i]);
@@ -70,12 +72,14 @@ inline void accumulate(SegState<Acc>& st, const Acc* z, const Acc* r, int64_t le
   st.mr = mr;
   if (r && mr > ninf) {
     Acc sr = 0;
+#pragma omp simd reduction(+ : sr)
     for (int64_t i = 0; i < len; ++i) sr += exp_acc(r[i] - mr);
     st.sr += sr;
   }
   if (m == ninf) return;  // all -inf so far: nothing to add
   Acc s = 0, t = 0, u = 0;
   if (r != nullptr) {
+#pragma omp simd reduction(+ : s, t, u)
     for (int64_t i = 0; i < len; ++i) {
       const Acc d = z[i] - m;
       const Acc e = exp_acc(d);
@@ -84,6 +88,7 @@ inline void accumulate(SegState<Acc>& st, const Acc* z, const Acc* r, int64_t le
       u += e > 0 ? e * (d - (r[i] - mr)) : Acc(0);
     }
   } else {
+#pragma omp simd reduction(+ : s, t)
     for (int64_t i = 0; i < len; ++i) {
       const Acc d = z[i] - m;
       const Acc e = exp_acc(d);

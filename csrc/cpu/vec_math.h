@@ -15,9 +15,9 @@ inline float exp_f32(float x) {
   const float hi = 88.7f, lo = -87.3f;
   float xc = x > hi ? hi : x;
   xc = xc < lo ? lo : xc;  // NaN compares false both times and stays NaN
-  float fx = xc * 1.44269504088896341f + 0.5f;
-  float n = static_cast<float>(static_cast<int32_t>(fx));
-  n = n > fx ? n - 1.0f : n;  // floor
+  // n = round(x / ln2) with the 1.5 * 2^23 trick: plain float adds, so every ISA vectorises it
+  // (floor() needs SSE4.1, and an int round trip with a compare blocked AVX-512 vectorisation).
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = xc - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float y = 1.9875691500e-4f;

@@ -65,45 +65,67 @@ __device__ __forceinline__ void store_pack(T* dst, const Pack<T>& pk) {
 template <class Acc, int N>
 struct Vals { Acc v[N]; };
 
-// Online-softmax state relative to its max m: s = sum e, t = sum e*(z - m), u = sum e*(z - r),
-// e = exp(z - m). m == -inf means empty (s = t = u = 0). NaN never becomes m (comparisons are
-// false) but reaches s through exp(NaN), and +inf logits give exp(inf - inf) = NaN as well, so a
-// non-finite row always ends with s = NaN.
+// Online-softmax state relative to its max m: s = sum e, t = sum e*(z - m), e = exp(z - m).
+// REF (segment A under FULL) adds the reference softmax (max mr, sr = sum exp(r - mr)) and
+// u = sum e*((z - m) - (r - mr)): centring both on their maxima keeps KL exact for large logits
+// (as the CPU kernel does). m == -inf means empty (s = t = u = 0). NaN never becomes a max
+// (comparisons are false) but reaches s/sr through exp(NaN), and +inf gives exp(inf - inf) = NaN,
+// so a non-finite row always ends with s = NaN. A -inf reference logit under p > 0 gives u = +inf.
 template <class Acc>
-struct Soft { Acc m, s, t, u; };
+struct Soft { Acc m, s, t, u, mr, sr; };
 
 template <class Acc>
-__device__ __forceinline__ Soft<Acc> empty_soft() { return {Acc(-INFINITY), Acc(0), Acc(0), Acc(0)}; }
+__device__ __forceinline__ Soft<Acc> empty_soft() {
+  return {Acc(-INFINITY), Acc(0), Acc(0), Acc(0), Acc(-INFINITY), Acc(0)};
+}
 
-// Re-expresses st relative to a larger max M (no-op unless M > st.m).
-template <class Acc>
-__device__ __forceinline__ void rebase(Soft<Acc>& st, Acc M) {
+// Re-expresses st relative to larger maxima M (and MR); no-op where they are not larger.
+template <bool REF, class Acc>
+__device__ __forceinline__ void rebase(Soft<Acc>& st, Acc M, Acc MR) {
+  const bool empty = st.s == Acc(0);  // guards 0 * -inf below
+  if constexpr (REF) {
+    if (MR > st.mr) {
+      const Acc dr = st.mr - MR;
+      st.u = empty ? Acc(0) : st.u - st.s * dr;
+      st.sr *= ex(dr);
+      st.mr = MR;
+    }
+  }
   if (M > st.m) {
     const Acc d = st.m - M, f = ex(d);
-    st.t = st.s == Acc(0) ? Acc(0) : f * (st.t + st.s * d);  // empty state: avoid 0 * -inf
+    st.t = empty ? Acc(0) : f * (st.t + st.s * d);
+    if constexpr (REF) st.u = empty ? Acc(0) : f * (st.u + st.s * d);
     st.s *= f;
-    st.u *= f;
     st.m = M;
   }
 }
 
 template <class Acc>
+__device__ __forceinline__ Acc max_of(Acc a, Acc b) { return a > b ? a : b; }  // drops NaN
+
+template <bool REF, class Acc>
 __device__ __forceinline__ void merge(Soft<Acc>& a, Soft<Acc> b) {
-  const Acc M = a.m > b.m ? a.m : b.m;
-  rebase(a, M);
-  rebase(b, M);
+  const Acc M = max_of(a.m, b.m), MR = max_of(a.mr, b.mr);
+  rebase<REF>(a, M, MR);
+  rebase<REF>(b, M, MR);
   a.s += b.s;
   a.t += b.t;
-  a.u += b.u;
+  if constexpr (REF) {
+    a.u += b.u;
+    a.sr += b.sr;
+  }
 }
 
-// Adds N elements z (and, WITH_U, their reference logits r) to st: one rebase per pack.
-template <bool WITH_U, class Acc, int N>
+// Adds N logits z (and, REF, their reference logits r) to st: one rebase per pack.
+template <bool REF, class Acc, int N>
 __device__ __forceinline__ void accumulate(Soft<Acc>& st, const Vals<Acc, N>& z, const Vals<Acc, N>& r) {
-  Acc mx = st.m;
+  Acc mx = st.m, mxr = st.mr;
 #pragma unroll
-  for (int i = 0; i < N; ++i) mx = z.v[i] > mx ? z.v[i] : mx;
-  rebase(st, mx);
+  for (int i = 0; i < N; ++i) {
+    mx = max_of(mx, z.v[i]);
+    if constexpr (REF) mxr = max_of(mxr, r.v[i]);
+  }
+  rebase<REF>(st, mx, mxr);
 #pragma unroll
   for (int i = 0; i < N; ++i) {
     const bool dead = z.v[i] == Acc(-INFINITY);  // probability 0; also avoids -inf - -inf
@@ -111,20 +133,31 @@ __device__ __forceinline__ void accumulate(Soft<Acc>& st, const Vals<Acc, N>& z,
     const Acc e = dead ? Acc(0) : ex(d);
     st.s += e;
     st.t += e * d;
-    if constexpr (WITH_U) st.u += e == Acc(0) ? Acc(0) : e * (z.v[i] - r.v[i]);  // 0 * inf guard
+    if constexpr (REF) {
+      const bool rdead = r.v[i] == Acc(-INFINITY);
+      const Acc dr = rdead ? Acc(-INFINITY) : r.v[i] - st.mr;
+      st.sr += rdead ? Acc(0) : ex(dr);
+      st.u += e == Acc(0) ? Acc(0) : e * (d - dr);  // 0 * inf guard
+    }
   }
 }
 
-template <class Acc>
-__device__ __forceinline__ Soft<Acc> shfl_xor(const Soft<Acc>& a, int o) {
-  return {__shfl_xor_sync(0xffffffffu, a.m, o), __shfl_xor_sync(0xffffffffu, a.s, o),
-          __shfl_xor_sync(0xffffffffu, a.t, o), __shfl_xor_sync(0xffffffffu, a.u, o)};
-}
-
-template <class Acc>
+template <bool REF, class Acc>
 __device__ __forceinline__ void warp_merge(Soft<Acc>& a) {
+  constexpr unsigned kAll = 0xffffffffu;
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) merge(a, shfl_xor(a, o));
+  for (int o = 16; o > 0; o >>= 1) {
+    Soft<Acc> b = empty_soft<Acc>();
+    b.m = __shfl_xor_sync(kAll, a.m, o);
+    b.s = __shfl_xor_sync(kAll, a.s, o);
+    b.t = __shfl_xor_sync(kAll, a.t, o);
+    if constexpr (REF) {
+      b.u = __shfl_xor_sync(kAll, a.u, o);
+      b.mr = __shfl_xor_sync(kAll, a.mr, o);
+      b.sr = __shfl_xor_sync(kAll, a.sr, o);
+    }
+    merge<REF>(a, b);
+  }
 }
 
 // Leading scalar elements before every non-null pointer is 16-byte aligned; len when the pointers'
@@ -144,8 +177,8 @@ __device__ __forceinline__ int64_t aligned_head(int64_t len, size_t es, const vo
 // else r holds zeros. OUT: f returns the N values stored to g at the same columns.
 template <class T, class Acc, bool REF, bool OUT, class F>
 __device__ __forceinline__ void sweep(const T* z, const T* r, T* g, int64_t lo, int64_t hi, F&& f) {
-  // Two packs in flight per thread hide latency; f64 (a test/reference dtype) keeps one to stay
-  // under 64 registers without spills.
+  // Two packs in flight per thread hide latency; f64 (a test/reference dtype) keeps one to save
+  // registers.
   constexpr int W = 16 / sizeof(T), U = sizeof(T) == 8 ? 1 : 2;
   const int64_t len = hi - lo;
   if (len <= 0) return;
@@ -210,10 +243,12 @@ __device__ __forceinline__ void fill_zero(T* g, int64_t len) {
     store_pack(g + head + k * W, zp);
 }
 
-// Per-row constants of d loss / d z_j (see the header). KL: the FULL-KL term applies (j < K).
+// Per-row constants of d loss / d z_j (see the header), kept relative to the maxima so that large
+// logits do not cost precision: p_j = exp((z_j - m) - log s), E_p z - m = ts. KL (j < K under
+// FULL): kr = kl_coef * Z / Z_K and log p~_j - log q~_j - kl = (z_j - ma) - (r_j - mr) - dd.
 template <class Acc, bool KL>
 struct GradFn {
-  Acc lse, wp, ec, ez, kr, dd, rs;
+  Acc m, log_s, ts, wp, ec, rs, kr, ma, mr, dd;
   int64_t y;
   template <int N>
   __device__ __forceinline__ Vals<Acc, N> operator()(int64_t j, const Vals<Acc, N>& z,
@@ -221,10 +256,10 @@ struct GradFn {
     Vals<Acc, N> g;
 #pragma unroll
     for (int e = 0; e < N; ++e) {
-      const Acc p = ex(z.v[e] - lse);
-      Acc b = wp + ec * (z.v[e] - ez);
-      if constexpr (KL) b += kr * (z.v[e] - r.v[e] - dd);
-      Acc ge = p == Acc(0) ? Acc(0) : p * b;  // p == 0 terms are 0 (z = -inf, r = -inf safe)
+      const Acc zm = z.v[e] - m, p = ex(zm - log_s);
+      Acc b = wp + ec * (zm - ts);
+      if constexpr (KL) b += kr * (((z.v[e] - ma) - (r.v[e] - mr)) - dd);
+      Acc ge = p == Acc(0) ? Acc(0) : p * b;  // p == 0 terms are 0, even where b is inf or NaN
       if (j + e == y) ge -= wp;
       g.v[e] = rs * ge;
     }
@@ -252,11 +287,16 @@ struct Params {
 };
 
 template <class Acc>
-struct Totals { Soft<Acc> a, b, r; Acc zy; };
+struct Totals { Soft<Acc> a, b; Acc zy; };
+
+// Register budget per thread: <= 40 for the common kernels (3 blocks of 512 per SM), <= 64 with
+// FULL KL; f64 (a test/reference dtype) gets what it needs, it spilled at 64 on sm_90.
+template <class T, bool FULL>
+constexpr int kMinBlocks = sizeof(T) == 8 ? 1 : FULL ? 2 : 3;
 
 template <class T, class Acc, bool FULL>
-__global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Params<T, Acc> p) {
-  __shared__ Soft<Acc> sh_a[32], sh_b[32], sh_r[32];
+__global__ void __launch_bounds__(kMaxThreads, kMinBlocks<T, FULL>) rows_kernel(const Params<T, Acc> p) {
+  __shared__ Soft<Acc> sh_a[32], sh_b[32];
   __shared__ Totals<Acc> sh_tot;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
 
@@ -274,50 +314,49 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Params<T, Acc> 
     const int64_t K = FULL ? p.k : p.v;
 
     // ---- pass 1: per-thread states, then block totals.
-    Soft<Acc> A = empty_soft<Acc>(), B = empty_soft<Acc>(), R = empty_soft<Acc>();
+    Soft<Acc> A = empty_soft<Acc>(), B = empty_soft<Acc>();
     if constexpr (FULL) {
       sweep<T, Acc, true, false>(z, r, nullptr, 0, K, [&](int64_t, const auto& zv, const auto& rv) {
         accumulate<true>(A, zv, rv);
-        accumulate<false>(R, rv, rv);
       });
-      sweep<T, Acc, false, false>(z, nullptr, nullptr, K, p.v,
-                                  [&](int64_t, const auto& zv, const auto& rv) { accumulate<false>(B, zv, rv); });
+      sweep<T, Acc, false, false>(z, nullptr, nullptr, K, p.v, [&](int64_t, const auto& zv, const auto& rv) {
+        accumulate<false>(B, zv, rv);
+      });
     } else {
-      sweep<T, Acc, false, false>(z, nullptr, nullptr, 0, p.v,
-                                  [&](int64_t, const auto& zv, const auto& rv) { accumulate<false>(A, zv, rv); });
+      sweep<T, Acc, false, false>(z, nullptr, nullptr, 0, p.v, [&](int64_t, const auto& zv, const auto& rv) {
+        accumulate<false>(A, zv, rv);
+      });
     }
-    warp_merge(A);
-    if constexpr (FULL) { warp_merge(B); warp_merge(R); }
+    warp_merge<FULL>(A);
+    if constexpr (FULL) warp_merge<false>(B);
     if (lane == 0) {
       sh_a[warp] = A;
-      if constexpr (FULL) { sh_b[warp] = B; sh_r[warp] = R; }
+      if constexpr (FULL) sh_b[warp] = B;
     }
     __syncthreads();
     if (warp == 0) {  // warp 0 merges the per-warp states; the other warps wait at the barrier
       A = lane < nwarps ? sh_a[lane] : empty_soft<Acc>();
-      warp_merge(A);
+      warp_merge<FULL>(A);
       if constexpr (FULL) {
         B = lane < nwarps ? sh_b[lane] : empty_soft<Acc>();
-        R = lane < nwarps ? sh_r[lane] : empty_soft<Acc>();
-        warp_merge(B);
-        warp_merge(R);
+        warp_merge<false>(B);
       }
-      if (lane == 0) sh_tot = {A, B, R, to_acc(z[y])};  // z_y read before any grad write
+      if (lane == 0) sh_tot = {A, B, to_acc(z[y])};  // z_y read before any grad write
     }
     __syncthreads();
     const Totals<Acc> tot = sh_tot;  // sh_tot is next written after the next row's first barrier
 
-    // ---- row terms (every thread computes them; pass 2 needs most of them).
+    // ---- row terms (every thread computes them; pass 2 needs most of them). Log-probabilities
+    // are formed as (z - m) - log s, never as z - lse, so large logits do not cancel.
     Soft<Acc> all = tot.a;
-    merge(all, tot.b);
-    const Acc log_s = lg(all.s), lse = all.m + log_s;
-    const Acc ent = log_s - all.t / all.s, nll = lse - tot.zy;
+    merge<false>(all, tot.b);
+    const Acc log_s = lg(all.s), ts = all.t / all.s;
+    const Acc ent = log_s - ts, nll = (all.m - tot.zy) + log_s;
     const Acc w = p.w ? p.w[row] : Acc(1);
-    Acc kl = 0, c = 0, lse_k = 0, lse_rk = 0;
+    Acc kl = 0, c = 0, log_ratio = 0;  // FULL: log_ratio = log(s_K / s_rK)
     if constexpr (FULL) {
-      lse_k = tot.a.m + lg(tot.a.s);
-      lse_rk = tot.r.m + lg(tot.r.s);
-      kl = tot.a.u / tot.a.s - lse_k + lse_rk;
+      log_ratio = lg(tot.a.s / tot.a.sr);
+      kl = tot.a.u / tot.a.s - log_ratio;
     } else if (p.mode == static_cast<int>(KLMode::K1)) {
       kl = -nll - p.ref_lp[row];
       c = 1;
@@ -335,14 +374,15 @@ __global__ void __launch_bounds__(kMaxThreads) rows_kernel(const Params<T, Acc> 
     if (!g) continue;
 
     // ---- pass 2: gradient (after the barriers above, so in-place grad is safe).
-    const Acc wp = w - p.kc * c, ez = all.m + all.t / all.s, rs = p.rs ? p.rs[row] : Acc(1);
+    const Acc wp = w - p.kc * c, rs = p.rs ? p.rs[row] : Acc(1);
+    const GradFn<Acc, false> fb{all.m, log_s, ts, wp, p.ec, rs, Acc(0), Acc(0), Acc(0), Acc(0), y};
     if constexpr (FULL) {
-      const GradFn<Acc, true> fa{lse, wp, p.ec, ez, p.kc * ex(lse - lse_k), lse_k - lse_rk + kl, rs, y};
-      const GradFn<Acc, false> fb{lse, wp, p.ec, ez, Acc(0), Acc(0), rs, y};
+      const Acc ratio = ex(all.m - tot.a.m) * (all.s / tot.a.s);  // Z / Z_K
+      const GradFn<Acc, true> fa{all.m, log_s, ts, wp, p.ec, rs,
+                                 p.kc * ratio, tot.a.m, tot.a.mr, log_ratio + kl, y};
       sweep<T, Acc, true, true>(z, r, g, 0, K, fa);
       sweep<T, Acc, false, true>(z, nullptr, g, K, p.v, fb);
     } else {
-      const GradFn<Acc, false> fb{lse, wp, p.ec, ez, Acc(0), Acc(0), rs, y};
       sweep<T, Acc, false, true>(z, nullptr, g, 0, p.v, fb);
     }
   }

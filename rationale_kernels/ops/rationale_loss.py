@@ -269,6 +269,15 @@ def _reduce(per_token: Tensor, valid: Tensor, reduction: str, normalizer) -> Ten
     return total / normalizer
 
 
+def _finish(terms, valid, lead, reduction, normalizer, return_stats):
+    """Kernel terms [N, 4] -> the reduced loss (and stats), as both public ops return them."""
+    per_token = terms[:, 0]
+    if reduction == "none":
+        per_token = per_token.reshape(lead)
+    loss = _reduce(per_token, valid, reduction, normalizer)
+    return (loss, _stats(terms, valid)) if return_stats else loss
+
+
 def _stats(terms: Tensor, valid: Tensor) -> dict:
     """Detached means over valid tokens of nll, kl and entropy, plus the token count."""
     n = valid.sum()
@@ -384,12 +393,7 @@ def rationale_loss(
         kl_mode, K, float(kl_coef), float(entropy_coef), int(ignore_index), be,
         logits.requires_grad and torch.is_grad_enabled(),
     )  # fmt: skip
-    valid = y != ignore_index
-    per_token = terms[:, 0]
-    if reduction == "none":
-        per_token = per_token.reshape(lead)
-    loss = _reduce(per_token, valid, reduction, normalizer)
-    return (loss, _stats(terms, valid)) if return_stats else loss
+    return _finish(terms, y != ignore_index, lead, reduction, normalizer, return_stats)
 
 
 # --------------------------------------------------------------------------------------------
@@ -661,9 +665,4 @@ def fused_linear_rationale_loss(
         _opt(ref_logprobs, acc) if kl_mode in (2, 3) else None,
         kl_mode, K, float(kl_coef), float(entropy_coef), int(ignore_index), be, chunk, *need,
     )  # fmt: skip
-    valid = y != ignore_index
-    per_token = terms[:, 0]
-    if reduction == "none":
-        per_token = per_token.reshape(lead)
-    loss = _reduce(per_token, valid, reduction, normalizer)
-    return (loss, _stats(terms, valid)) if return_stats else loss
+    return _finish(terms, y != ignore_index, lead, reduction, normalizer, return_stats)

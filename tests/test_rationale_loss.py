@@ -257,6 +257,34 @@ def test_custom_op_opcheck_and_compile():
     torch.testing.assert_close(out, f(z))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_fused_custom_ops_opcheck_and_compile(reduction):
+    if not _native.has_cpu():
+        pytest.skip("native module not built")
+    from rationale_kernels.ops.rationale_loss import _fused_op
+
+    h = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(13, 8, requires_grad=True)
+    y = torch.tensor([1, 2, -100, 4, 12, 0])
+    flags = (True, True, False) if reduction == "mean" else (False, False, False)
+    args = (h, w, None, y, None, None, None, None, None, 0, 13, 0.0, 0.2, -100, "cpu", 4, *flags)
+    torch.library.opcheck(_fused_op, args)
+
+    def f(hh, ww):
+        return rk.fused_linear_rationale_loss(
+            hh, ww, y, entropy_coef=0.2, backend="cpu", chunk_size=4, reduction=reduction
+        ).sum()
+
+    out = torch.compile(f, backend="aot_eager", fullgraph=True)(h, w)
+    out.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    f(h, w).backward()
+    torch.testing.assert_close(out, f(h, w))
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
 # ---------------------------------------------------------------------------------------------
 # fused linear
 

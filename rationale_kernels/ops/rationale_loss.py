@@ -528,17 +528,55 @@ def _fused_backward(ctx, g_terms, g_gh, g_gw, g_gb):
         gw = gw * c.to(gw.dtype) if gw.numel() else None
         gb = gb * c.to(gb.dtype) if (ctx.has_bias and gb.numel()) else None
         return (gh, gw, gb) + none[3:]
-    (hidden, weight, bias, labels, weights, ref_hidden, ref_weight, ref_bias,
-     ref_logprobs) = ctx.saved_tensors  # fmt: skip
-    kl_mode, kl_vocab, kl_coef, entropy_coef, ignore_index, backend, chunk_size = ctx.rest[:7]
     need = ctx.needs_input_grad
+    gh, gw, gb = _fused_grad_op(
+        *ctx.saved_tensors, *ctx.rest[:7], g.contiguous(), need[0], need[1],
+        ctx.has_bias and need[2],
+    )  # fmt: skip
+    return (gh if need[0] else None, gw if need[1] else None,
+            gb if (ctx.has_bias and need[2]) else None) + none[3:]  # fmt: skip
+
+
+@torch.library.custom_op("rationale_kernels::fused_linear_rationale_loss_grad", mutates_args=())
+def _fused_grad_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    weights: Optional[Tensor],
+    ref_hidden: Optional[Tensor],
+    ref_weight: Optional[Tensor],
+    ref_bias: Optional[Tensor],
+    ref_logprobs: Optional[Tensor],
+    kl_mode: int,
+    kl_vocab: int,
+    kl_coef: float,
+    entropy_coef: float,
+    ignore_index: int,
+    backend: str,
+    chunk_size: int,
+    row_scale: Tensor,
+    need_gh: bool,
+    need_gw: bool,
+    need_gb: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward of reduction="none": recompute the chunks with per-row gradient scales."""
     _, gh, gw, gb = _fused_chunks(
         backend, hidden, weight, bias, labels, weights, ref_hidden, ref_weight, ref_bias,
         ref_logprobs, kl_mode, kl_vocab, kl_coef, entropy_coef, ignore_index, chunk_size,
-        g.to(_acc_dtype(hidden.dtype)).contiguous(), need[0], need[1], bias is not None and need[2],
+        row_scale.to(_acc_dtype(hidden.dtype)), need_gh, need_gw, need_gb,
     )  # fmt: skip
-    return (gh if need[0] else None, gw if need[1] else None,
-            gb if (bias is not None and need[2]) else None) + none[3:]  # fmt: skip
+    return gh, gw, gb
+
+
+@_fused_grad_op.register_fake
+def _(hidden, weight, bias, labels, weights, ref_hidden, ref_weight, ref_bias, ref_logprobs,
+      kl_mode, kl_vocab, kl_coef, entropy_coef, ignore_index, backend, chunk_size, row_scale,
+      need_gh, need_gw, need_gb):  # fmt: skip
+    gh = hidden.new_empty(hidden.shape) if need_gh else hidden.new_empty(0)
+    gw = weight.new_empty(weight.shape) if need_gw else weight.new_empty(0)
+    gb = weight.new_empty(weight.shape[0]) if need_gb else weight.new_empty(0)
+    return gh, gw, gb
 
 
 _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)

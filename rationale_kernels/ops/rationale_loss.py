@@ -456,6 +456,14 @@ def _fused_chunks(
     return terms, gh, gw, gb
 
 
+def _fake_grads(hidden, weight, need_gh, need_gw, need_gb):
+    """Shapes of (grad_hidden, grad_weight, grad_bias) for the fake (meta) implementations."""
+    gh = hidden.new_empty(hidden.shape) if need_gh else hidden.new_empty(0)
+    gw = weight.new_empty(weight.shape) if need_gw else weight.new_empty(0)
+    gb = weight.new_empty(weight.shape[0]) if need_gb else weight.new_empty(0)
+    return gh, gw, gb
+
+
 @torch.library.custom_op("rationale_kernels::fused_linear_rationale_loss", mutates_args=())
 def _fused_op(
     hidden: Tensor,
@@ -494,10 +502,7 @@ def _(hidden, weight, bias, labels, weights, ref_hidden, ref_weight, ref_bias, r
       kl_mode, kl_vocab, kl_coef, entropy_coef, ignore_index, backend, chunk_size,
       need_gh, need_gw, need_gb):  # fmt: skip
     terms = hidden.new_empty((hidden.shape[0], 4), dtype=_acc_dtype(hidden.dtype))
-    gh = hidden.new_empty(hidden.shape) if need_gh else hidden.new_empty(0)
-    gw = weight.new_empty(weight.shape) if need_gw else weight.new_empty(0)
-    gb = weight.new_empty(weight.shape[0]) if need_gb else weight.new_empty(0)
-    return terms, gh, gw, gb
+    return (terms,) + _fake_grads(hidden, weight, need_gh, need_gw, need_gb)
 
 
 def _fused_setup(ctx, inputs, output):
@@ -573,10 +578,7 @@ def _fused_grad_op(
 def _(hidden, weight, bias, labels, weights, ref_hidden, ref_weight, ref_bias, ref_logprobs,
       kl_mode, kl_vocab, kl_coef, entropy_coef, ignore_index, backend, chunk_size, row_scale,
       need_gh, need_gw, need_gb):  # fmt: skip
-    gh = hidden.new_empty(hidden.shape) if need_gh else hidden.new_empty(0)
-    gw = weight.new_empty(weight.shape) if need_gw else weight.new_empty(0)
-    gb = weight.new_empty(weight.shape[0]) if need_gb else weight.new_empty(0)
-    return gh, gw, gb
+    return _fake_grads(hidden, weight, need_gh, need_gw, need_gb)
 
 
 _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
@@ -637,9 +639,8 @@ def fused_linear_rationale_loss(
     backward recomputes the chunks. ``backend="torch"`` is the eager reference (full logits).
     Other arguments as in :func:`rationale_loss`.
     """
-    _check_float("hidden", hidden)
-    lead = hidden.shape[:-1]
     _check_linear("hidden", hidden, "weight", weight, "bias", bias)
+    lead = hidden.shape[:-1]
     V = weight.shape[0]
     if V < 1:
         raise ValueError("weight must have at least one row (V >= 1)")

@@ -171,6 +171,20 @@ def test_all_ignored_and_empty(backend):
     assert e.grad.shape == e.shape
 
 
+@pytest.mark.parametrize("backend", ["torch"] + BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_linear_empty_batch(backend, reduction):
+    h = torch.randn(0, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    b = torch.randn(10, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long)
+    out = rk.fused_linear_rationale_loss(h, w, y, bias=b, reduction=reduction, backend=backend)
+    assert out.shape == ((0,) if reduction == "none" else ())
+    out.sum().backward()
+    assert h.grad is not None and h.grad.shape == (0, 8)
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_and_batched(backend):
     g = torch.Generator().manual_seed(3)

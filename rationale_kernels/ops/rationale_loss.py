@@ -529,8 +529,9 @@ def _fused_backward(ctx, g_terms, g_gh, g_gw, g_gb):
         # grad_hidden rows scale exactly per row; grad_weight/bias scale by that common value.
         gh, gw, gb = ctx.saved_tensors
         c = g[:1].reshape(()) if g.numel() else g.new_zeros(())
-        gh = gh * g[:, None].to(gh.dtype) if gh.numel() else None
-        gw = gw * c.to(gw.dtype) if gw.numel() else None
+        # a grad that was not asked for is empty with dim 1 (an empty batch's grad_hidden is [0, H])
+        gh = gh * g[:, None].to(gh.dtype) if gh.dim() == 2 else None
+        gw = gw * c.to(gw.dtype) if gw.dim() == 2 else None
         gb = gb * c.to(gb.dtype) if (ctx.has_bias and gb.numel()) else None
         return (gh, gw, gb) + none[3:]
     need = ctx.needs_input_grad

@@ -23,55 +23,24 @@ from torch import Tensor
 from .. import _native
 from .._dispatch import resolve_backend
 from ..reference import rationale_loss as ref_impl
+from ._common import (
+    _DTYPE_CODES,
+    _acc_dtype,
+    _check_device,
+    _check_float,
+    _check_label_range,
+    _check_labels,
+    _check_linear,
+    _default_chunk,
+    _fake_grads,
+)
 
 _KL_MODES = {"none": 0, "full": 1, "k1": 2, "k3": 3}
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 _REDUCTIONS = ("mean", "sum", "none")
 
 
 # --------------------------------------------------------------------------------------------
 # validation
-
-
-def _check_float(name: str, t: Tensor) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _DTYPE_CODES:
-        raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {t.dtype}")
-
-
-def _check_device(device: torch.device, **tensors: Optional[Tensor]) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but the logits/hidden are on {device}")
-
-
-def _check_label_range(labels: Tensor, V: int, ignore_index: int) -> None:
-    """Host-side check (a device sync on GPU). It runs inside the custom ops' bodies, which stay
-    eager under torch.compile, so the kernels never see an out-of-range label."""
-    if labels.numel():
-        bad = ((labels < 0) | (labels >= V)) & (labels != ignore_index)
-        if bool(bad.any()):
-            value = int(labels[bad].flatten()[0])
-            raise ValueError(
-                f"label {value} is out of range for a vocabulary of {V} "
-                f"(labels must be in [0, {V}) or equal ignore_index={ignore_index})"
-            )
-
-
-def _check_labels(labels: Tensor, lead_shape: torch.Size, V: int, ignore_index: int) -> None:
-    if not isinstance(labels, Tensor) or labels.dtype not in (
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.uint8,
-        torch.int8,
-    ):
-        raise TypeError(f"labels must be an integer tensor, got {getattr(labels, 'dtype', labels)}")
-    if labels.shape != lead_shape:
-        raise ValueError(
-            f"labels shape {tuple(labels.shape)} must equal the leading shape {tuple(lead_shape)}"
-        )
 
 
 def _check_per_token(name: str, t: Optional[Tensor], lead_shape: torch.Size) -> None:
@@ -134,10 +103,6 @@ def _check_common(kl_coef, entropy_coef, reduction, normalizer) -> None:
             raise ValueError(f"normalizer must be > 0, got {normalizer}")
         if isinstance(normalizer, Tensor) and normalizer.numel() != 1:
             raise ValueError("normalizer tensor must have exactly one element")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _rows2d(t: Tensor, V: int) -> Tensor:
@@ -399,18 +364,6 @@ def rationale_loss(
 # --------------------------------------------------------------------------------------------
 # fused_linear_rationale_loss
 
-# Target bytes of one chunk of logits (+ reference logits). CPU: a few L3-sized tiles keep the
-# matmuls efficient; GPU: large enough that the chunk matmuls stay near peak.
-_CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 1 << 30}
-
-
-def _default_chunk(N: int, V: int, elt: int, has_ref: bool, device: torch.device) -> int:
-    budget = _CHUNK_BYTES.get(device.type, 64 << 20)
-    rows = max(1, budget // (V * elt * (2 if has_ref else 1)))
-    if rows >= 8:
-        rows -= rows % 8
-    return max(1, min(N, rows))
-
 
 def _fused_chunks(
     backend, hidden, weight, bias, labels, weights, ref_hidden, ref_weight, ref_bias, ref_logprobs,
@@ -454,14 +407,6 @@ def _fused_chunks(
     gw = gw.to(weight.dtype) if need_gw else weight.new_empty(0)
     gb = gb.to(bias.dtype) if need_gb else weight.new_empty(0)
     return terms, gh, gw, gb
-
-
-def _fake_grads(hidden, weight, need_gh, need_gw, need_gb):
-    """Shapes of (grad_hidden, grad_weight, grad_bias) for the fake (meta) implementations."""
-    gh = hidden.new_empty(hidden.shape) if need_gh else hidden.new_empty(0)
-    gw = weight.new_empty(weight.shape) if need_gw else weight.new_empty(0)
-    gb = weight.new_empty(weight.shape[0]) if need_gb else weight.new_empty(0)
-    return gh, gw, gb
 
 
 @torch.library.custom_op("rationale_kernels::fused_linear_rationale_loss", mutates_args=())
@@ -583,28 +528,6 @@ def _(hidden, weight, bias, labels, weights, ref_hidden, ref_weight, ref_bias, r
 
 
 _fused_op.register_autograd(_fused_backward, setup_context=_fused_setup)
-
-
-def _check_linear(name_h, h, name_w, w, name_b, b, lead=None):
-    _check_float(name_h, h)
-    _check_float(name_w, w)
-    if h.dim() < 1 or w.dim() != 2:
-        raise ValueError(f"{name_h} must be [..., H] and {name_w} [V, H]")
-    if h.shape[-1] != w.shape[1]:
-        raise ValueError(
-            f"{name_h} hidden size {h.shape[-1]} != {name_w} input size {w.shape[1]} "
-            f"({name_w} must be [V, H])"
-        )
-    if h.dtype != w.dtype:
-        raise TypeError(f"{name_h} dtype {h.dtype} != {name_w} dtype {w.dtype}")
-    if lead is not None and h.shape[:-1] != lead:
-        raise ValueError(f"{name_h} leading shape {tuple(h.shape[:-1])} != {tuple(lead)}")
-    if b is not None:
-        _check_float(name_b, b)
-        if b.shape != (w.shape[0],) or b.dtype != w.dtype:
-            raise ValueError(f"{name_b} must be [{w.shape[0]}] of dtype {w.dtype}")
-    if w.device != h.device:
-        raise ValueError(f"{name_w} is on {w.device} but {name_h} is on {h.device}")
 
 
 def fused_linear_rationale_loss(

@@ -14,13 +14,24 @@ from __future__ import annotations
 
 import math
 from numbers import Number
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import _check_device
+from .._dispatch import resolve_backend
+from ..reference.sequence_logprobs import segment_sums
+from . import sequence_logprobs as _seq
+from ._common import (
+    _acc_dtype,
+    _check_device,
+    _check_label_range,
+    _check_labels,
+    _check_linear,
+    _default_chunk,
+    _fake_grads,
+)
 from .sequence_logprobs import _check_cu_seqlens, fused_linear_sequence_logprobs
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
@@ -78,6 +89,44 @@ def _check_logps(policy_logps: Tensor, ref_logps: Tensor) -> None:
     _check_device(policy_logps.device, ref_logps=ref_logps)
 
 
+def _pair_losses(pi, ref, pairs, beta, loss_type, label_smoothing):
+    """Per-pair losses [P] and the implicit rewards' log-ratios of chosen and rejected."""
+    c, r = pairs[:, 0].long(), pairs[:, 1].long()
+    chosen = pi[c] - ref[c]
+    rejected = pi[r] - ref[r]
+    delta = chosen - rejected
+    eps = float(label_smoothing)
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (
+            1 - 2 * eps
+        )
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    else:  # ipo
+        losses = (delta - 1 / (2 * beta)) ** 2
+    return losses, chosen, rejected
+
+
+def _pair_dloss(delta, beta, loss_type, label_smoothing):
+    """d loss_p / d delta_p of :func:`_pair_losses` (d delta / d logp is +1 chosen, -1 rejected)."""
+    eps = float(label_smoothing)
+    if loss_type == "sigmoid":  # d/dx log sigma(x) = sigma(-x)
+        return beta * (
+            -(1 - eps) * torch.sigmoid(-beta * delta) + eps * torch.sigmoid(beta * delta)
+        )
+    if loss_type == "robust":
+        return (
+            beta
+            * (-(1 - eps) * torch.sigmoid(-beta * delta) - eps * torch.sigmoid(beta * delta))
+            / (1 - 2 * eps)
+        )
+    if loss_type == "hinge":  # relu'(0) = 0, as autograd has it
+        return -beta * (1 - beta * delta > 0).to(delta.dtype)
+    return 2 * (delta - 1 / (2 * beta))  # ipo
+
+
 def preference_loss(
     policy_logps: Tensor,
     ref_logps: Tensor,
@@ -114,34 +163,23 @@ def preference_loss(
     acc = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
     pi = policy_logps.to(acc)
     ref = ref_logps.detach().to(acc)
-    c, r = pairs[:, 0].long(), pairs[:, 1].long()
-    chosen = pi[c] - ref[c]
-    rejected = pi[r] - ref[r]
-    delta = chosen - rejected
-    eps = float(label_smoothing)
-    if loss_type == "sigmoid":
-        losses = -(1 - eps) * F.logsigmoid(beta * delta) - eps * F.logsigmoid(-beta * delta)
-    elif loss_type == "robust":
-        losses = (-(1 - eps) * F.logsigmoid(beta * delta) + eps * F.logsigmoid(-beta * delta)) / (
-            1 - 2 * eps
-        )
-    elif loss_type == "hinge":
-        losses = torch.relu(1 - beta * delta)
-    else:  # ipo
-        losses = (delta - 1 / (2 * beta)) ** 2
+    losses, chosen, rejected = _pair_losses(pi, ref, pairs, beta, loss_type, label_smoothing)
+    return losses.mean(), _metrics(pi, chosen, rejected, pairs, beta)
+
+
+def _metrics(pi, chosen, rejected, pairs, beta) -> Dict[str, Tensor]:
     with torch.no_grad():
         chosen_rewards = beta * chosen.detach()
         rejected_rewards = beta * rejected.detach()
         margins = chosen_rewards - rejected_rewards
-        metrics = {
+        return {
             "chosen_rewards": chosen_rewards,
             "rejected_rewards": rejected_rewards,
             "margins": margins,
-            "chosen_logps": pi.detach()[c],
-            "rejected_logps": pi.detach()[r],
-            "accuracy": (margins > 0).to(acc).mean(),
+            "chosen_logps": pi.detach()[pairs[:, 0].long()],
+            "rejected_logps": pi.detach()[pairs[:, 1].long()],
+            "accuracy": (margins > 0).to(pi.dtype).mean(),
         }
-    return losses.mean(), metrics
 
 
 def preference_pairs(scores: Tensor, groups: Tensor, *, mode: str = "best_vs_worst") -> Tensor:
@@ -194,6 +232,174 @@ def preference_pairs(scores: Tensor, groups: Tensor, *, mode: str = "best_vs_wor
     return pairs.to(scores.device)
 
 
+# --------------------------------------------------------------------------------------------
+# fused_linear_dpo_loss
+
+# The one-pass path keeps a whole component of the pair graph in one chunk of logits; beyond this
+# many bytes for the largest component it falls back to two passes (score, then recompute).
+_DPO_MAX_CHUNK_BYTES = {"cpu": 1 << 30, "cuda": 8 << 30}
+
+
+def _components(pairs: Tensor) -> List[List[int]]:
+    """Connected components of the pair graph (candidates joined by a pair); candidates in no pair
+    are left out. Ordered by smallest member, members ascending."""
+    flat = pairs.detach().to("cpu").tolist()
+    parent: Dict[int, int] = {}
+
+    def find(a: int) -> int:
+        parent.setdefault(a, a)
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for c, r in flat:
+        a, b = find(c), find(r)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    comps: Dict[int, List[int]] = {}
+    for u in sorted(parent):
+        comps.setdefault(find(u), []).append(u)
+    return list(comps.values())
+
+
+def _pack(comps: List[List[int]], lens: List[int], budget_rows: int) -> List[List[int]]:
+    """Greedy packing of whole components into chunks of at most budget_rows tokens (a component
+    larger than the budget gets a chunk of its own)."""
+    chunks, cur, rows = [], [], 0
+    for comp in comps:
+        n = sum(lens[c] for c in comp)
+        if cur and rows + n > budget_rows:
+            chunks.append(cur)
+            cur, rows = [], 0
+        cur = cur + comp
+        rows += n
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def _dpo_one_pass(backend, hidden, weight, bias, labels, cu, ref_logps, pairs, beta, loss_type,
+                  label_smoothing, average, ignore_index, budget_rows, need_gh, need_gw,
+                  need_gb):  # fmt: skip
+    """Loss, policy log-probs [C] and gradients in one pass over the logits: a chunk holds whole
+    components of the pair graph, so its pairs' d loss / d logp is known as soon as the chunk's
+    log-probs are; the kernel then turns the same logits into their gradient in place. FLOPs are
+    those of a plain forward + backward (6 N H V), peak extra memory one chunk of logits."""
+    N, H = hidden.shape
+    dt, dev = hidden.dtype, hidden.device
+    acc = _acc_dtype(dt)
+    C, P = ref_logps.shape[0], pairs.shape[0]
+    cu_l = cu.to("cpu", torch.int64).tolist()
+    lens = [cu_l[c + 1] - cu_l[c] for c in range(C)]
+    chunk_of = torch.full((C,), -1, dtype=torch.int64)
+    chunks = _pack(_components(pairs), lens, budget_rows)
+    for k, cands in enumerate(chunks):
+        chunk_of[cands] = k
+    pair_chunk = chunk_of[pairs[:, 0].to("cpu", torch.int64)]
+    logps = torch.zeros(C, dtype=acc, device=dev)
+    total = torch.zeros((), dtype=acc, device=dev)
+    gh = torch.zeros_like(hidden) if need_gh else hidden.new_empty(0)
+    gw = torch.zeros(weight.shape, dtype=acc, device=dev) if need_gw else None
+    gb = torch.zeros(weight.shape[0], dtype=acc, device=dev) if need_gb else None
+    ref = ref_logps.to(acc)
+    for k, cands in enumerate(chunks):
+        klens = torch.tensor([lens[c] for c in cands])
+        rows = torch.cat([torch.arange(cu_l[c], cu_l[c + 1]) for c in cands]).to(dev)
+        h, y = hidden[rows], labels[rows]
+        z = torch.nn.functional.linear(h, weight, bias)
+        tok, lse = _seq._launch_fwd(backend, z.unsqueeze(0), y.view(1, -1), ignore_index)
+        valid = y != ignore_index
+        local_cu = torch.cat([klens.new_zeros(1), klens.cumsum(0)]).to(dev)
+        seq = segment_sums(tok.view(-1), valid, local_cu, average)
+        ids = torch.tensor(cands, device=dev)
+        logps[ids] = seq
+        local = torch.searchsorted(ids, pairs[(pair_chunk == k).to(dev)].to(ids.dtype))
+        losses, chosen, rejected = _pair_losses(seq, ref[ids], local, beta, loss_type,
+                                                label_smoothing)  # fmt: skip
+        part = losses.sum() / P
+        # custom-op bodies run below autograd, so d loss / d logp is written out (_pair_dloss)
+        d = _pair_dloss(chosen - rejected, beta, loss_type, label_smoothing) / P
+        g_seq = torch.zeros_like(seq).index_add_(0, local[:, 0], d).index_add_(0, local[:, 1], -d)
+        total += part.detach()
+        if not (need_gh or need_gw or need_gb):
+            continue
+        if average:
+            g_seq = g_seq / segment_sums(valid.to(acc), valid, local_cu, False).clamp_min(1)
+        w_tok = torch.repeat_interleave(g_seq, klens.to(dev)).contiguous()
+        z3, y2 = z.unsqueeze(0), y.view(1, -1)
+        _seq._launch_bwd(backend, z3, y2, lse.view(-1), w_tok, ignore_index, z)
+        if need_gh:
+            gh.index_copy_(0, rows, z @ weight)
+        if need_gw:
+            if gw.dtype == dt:
+                gw.addmm_(z.t(), h)
+            else:
+                gw += torch.mm(z.t(), h)
+        if need_gb:
+            gb += z.sum(0, dtype=acc)
+    gw = gw.to(weight.dtype) if need_gw else weight.new_empty(0)
+    gb = gb.to(weight.dtype) if need_gb else weight.new_empty(0)
+    return total, logps, gh, gw, gb
+
+
+@torch.library.custom_op("rationale_kernels::fused_linear_dpo_loss", mutates_args=())
+def _dpo_op(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    labels: Tensor,
+    cu_seqlens: Tensor,
+    ref_logps: Tensor,
+    pairs: Tensor,
+    beta: float,
+    loss_type: str,
+    label_smoothing: float,
+    average: bool,
+    ignore_index: int,
+    backend: str,
+    budget_rows: int,
+    need_gh: bool,
+    need_gw: bool,
+    need_gb: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, policy log-probs [C] (0 for candidates in no pair), grad_hidden, grad_weight,
+    grad_bias) with d loss as the upstream gradient; grads not asked for are empty."""
+    _check_label_range(labels, weight.shape[0], ignore_index)
+    return _dpo_one_pass(backend, hidden, weight, bias, labels, cu_seqlens, ref_logps, pairs,
+                         beta, loss_type, label_smoothing, average, ignore_index, budget_rows,
+                         need_gh, need_gw, need_gb)  # fmt: skip
+
+
+@_dpo_op.register_fake
+def _(hidden, weight, bias, labels, cu_seqlens, ref_logps, pairs, beta, loss_type,
+      label_smoothing, average, ignore_index, backend, budget_rows, need_gh, need_gw,
+      need_gb):  # fmt: skip
+    acc = _acc_dtype(hidden.dtype)
+    loss = hidden.new_empty((), dtype=acc)
+    logps = hidden.new_empty(ref_logps.shape, dtype=acc)
+    return (loss, logps) + _fake_grads(hidden, weight, need_gh, need_gw, need_gb)
+
+
+def _dpo_setup(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.save_for_backward(*output[2:])
+
+
+def _dpo_backward(ctx, g_loss, g_logps, g_gh, g_gw, g_gb):
+    none = (None,) * 17
+    if g_loss is None:
+        return none
+    gh, gw, gb = ctx.saved_tensors
+    gh = gh * g_loss.to(gh.dtype) if gh.dim() == 2 else None
+    gw = gw * g_loss.to(gw.dtype) if gw.dim() == 2 else None
+    gb = gb * g_loss.to(gb.dtype) if (ctx.has_bias and gb.numel()) else None
+    return (gh, gw, gb) + none[3:]
+
+
+_dpo_op.register_autograd(_dpo_backward, setup_context=_dpo_setup)
+
+
 def fused_linear_dpo_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -211,9 +417,17 @@ def fused_linear_dpo_loss(
     chunk_size: Optional[int] = None,
     backend: str = "auto",
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
-    """End-to-end DPO from hidden states: :func:`fused_linear_sequence_logprobs` of the candidates
-    that appear in ``pairs`` (each computed once, however many pairs it is in; candidates in no
-    pair are skipped entirely), then :func:`preference_loss`.
+    """End-to-end DPO from hidden states, equal to :func:`preference_loss` of
+    :func:`fused_linear_sequence_logprobs`, without materialising the logits. Each candidate that
+    appears in ``pairs`` is scored once however many pairs it is in; candidates in no pair cost
+    nothing.
+
+    How: candidates joined by pairs form components (for COLLATE's pairs, one per question).
+    Chunks of whole components are processed one at a time: logits once, token log-probs, the
+    chunk's pairs' losses and d loss / d logp, then the same logits become their gradient in place
+    and grad_hidden / grad_weight are accumulated -- in the forward, at the FLOPs of a plain
+    forward + backward. When a single component's logits would exceed 1 GiB (CPU) / 8 GiB (GPU),
+    it falls back to scoring first and recomputing the chunks in the backward (2 N H V more).
 
     Args:
         hidden: packed ``[N, H]`` with ``cu_seqlens`` ``[C + 1]``, or padded ``[C, T, H]`` with
@@ -222,7 +436,9 @@ def fused_linear_dpo_loss(
         weight, bias: LM head ``[V, H]`` and optional ``[V]``.
         ref_logps: ``[C]`` reference sequence log-probs (computed with the same ``average``).
         pairs, beta, loss_type, label_smoothing: as in :func:`preference_loss`.
-        average, ignore_index, chunk_size, backend: as in :func:`fused_linear_sequence_logprobs`.
+        average, ignore_index, backend: as in :func:`fused_linear_sequence_logprobs`.
+        chunk_size: target rows per chunk (whole components are never split); default keeps a
+            chunk of logits near 64 MiB on CPU and 1 GiB on GPU.
 
     Returns ``(loss, metrics)`` as :func:`preference_loss`.
     """
@@ -244,28 +460,46 @@ def fused_linear_dpo_loss(
             f"ref_logps must be [{C}] (one per candidate), got "
             f"{tuple(getattr(ref_logps, 'shape', ()))}"
         )
+    if not ref_logps.is_floating_point():
+        raise TypeError("ref_logps must be a floating-point tensor")
     _check_device(hidden.device, ref_logps=ref_logps)
     _check_options(beta, loss_type, label_smoothing)
     _check_pairs(pairs, C, hidden.device)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_linear("hidden", hidden, "weight", weight, "bias", bias)
+    V = weight.shape[0]
+    _check_labels(labels, hidden.shape[:-1], V, ignore_index)
+    _check_device(hidden.device, labels=labels)
+    be = resolve_backend(backend, hidden.device)
+    ref = ref_logps.detach()
+    if cu_seqlens is None:  # padded -> packed view
+        T = hidden.shape[1]
+        cu_seqlens = torch.arange(C + 1, device=hidden.device) * T
+        hidden, labels = hidden.reshape(C * T, -1), labels.reshape(C * T)
 
-    used = torch.unique(pairs)  # sorted candidate ids that appear in some pair
-    new_pairs = torch.searchsorted(used, pairs.to(used.dtype).contiguous())
-    cu = cu_seqlens
-    if used.numel() < C:  # drop the candidates no pair uses before any matmul
-        if cu_seqlens is None:
-            hidden, labels = hidden[used], labels[used]
-        else:
-            cu64 = cu_seqlens.long()
-            starts, lens = cu64[used], cu64[used + 1] - cu64[used]
-            new_cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
-            rows = torch.repeat_interleave(starts - new_cu[:-1], lens)
-            rows = rows + torch.arange(rows.numel(), device=rows.device)
-            hidden, labels, cu = hidden[rows], labels[rows], new_cu.to(cu_seqlens.dtype)
-    logps = fused_linear_sequence_logprobs(
-        hidden, weight, labels, bias=bias, cu_seqlens=cu, ignore_index=ignore_index,
-        average=average, chunk_size=chunk_size, backend=backend,
+    elt = hidden.element_size()
+    comp_rows = 0
+    if be != "torch":
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to("cpu", torch.int64)
+        comp_rows = max(int(lens[c].sum()) for c in _components(pairs))
+    cap = _DPO_MAX_CHUNK_BYTES.get(hidden.device.type, 1 << 30)
+    if be == "torch" or comp_rows * V * elt > cap:
+        logps = fused_linear_sequence_logprobs(
+            hidden, weight, labels, bias=bias, cu_seqlens=cu_seqlens, ignore_index=ignore_index,
+            average=average, chunk_size=chunk_size, backend=be,
+        )  # fmt: skip
+        return preference_loss(logps, ref.to(logps.dtype), pairs, beta=beta, loss_type=loss_type,
+                               label_smoothing=label_smoothing)  # fmt: skip
+    budget = chunk_size or _default_chunk(hidden.shape[0], V, elt, False, hidden.device)
+    grad_on = torch.is_grad_enabled()
+    loss, logps, _, _, _ = _dpo_op(
+        hidden, weight, bias, labels.to(torch.int64).contiguous(), cu_seqlens, ref, pairs,
+        float(beta), loss_type, float(label_smoothing), bool(average), int(ignore_index), be,
+        int(budget), grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+        grad_on and bias is not None and bias.requires_grad,
     )  # fmt: skip
-    return preference_loss(
-        logps, ref_logps[used].to(logps.dtype), new_pairs, beta=beta, loss_type=loss_type,
-        label_smoothing=label_smoothing,
-    )  # fmt: skip
+    pi = logps.detach()
+    refa = ref.to(pi.dtype)
+    _, chosen, rejected = _pair_losses(pi, refa, pairs, beta, loss_type, label_smoothing)
+    return loss, _metrics(pi, chosen, rejected, pairs, beta)

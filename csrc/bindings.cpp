@@ -7,6 +7,7 @@
 #include <string>
 
 #include "rationale_loss.h"
+#include "sequence_logprobs.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -46,6 +47,22 @@ rk::RowLossArgs make_args(int64_t n, int64_t v, std::uintptr_t logits, int64_t l
   a.grad = ptr<void*>(grad);
   a.grad_ld = grad_ld;
   a.terms = ptr<void*>(terms);
+  a.num_threads = num_threads;
+  return a;
+}
+
+rk::TokenRowsArgs token_args(int64_t b, int64_t t, int64_t v, std::uintptr_t logits,
+                             int64_t stride_b, int64_t stride_t, std::uintptr_t labels,
+                             int64_t ignore_index, int num_threads) {
+  rk::TokenRowsArgs a;
+  a.b = b;
+  a.t = t;
+  a.v = v;
+  a.logits = ptr<const void*>(logits);
+  a.stride_b = stride_b;
+  a.stride_t = stride_t;
+  a.labels = ptr<const int64_t*>(labels);
+  a.ignore_index = ignore_index;
   a.num_threads = num_threads;
   return a;
 }
@@ -93,6 +110,28 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release release;
         rk::rationale_loss_rows_cpu(static_cast<rk::DType>(dtype), a);
       });
+  m.def(
+      "token_logprobs_fwd_cpu",
+      [](int dtype, int64_t b, int64_t t, int64_t v, std::uintptr_t logits, int64_t stride_b,
+         int64_t stride_t, std::uintptr_t labels, int64_t ignore_index, std::uintptr_t logp,
+         std::uintptr_t lse, int num_threads) {
+        const rk::TokenRowsArgs a =
+            token_args(b, t, v, logits, stride_b, stride_t, labels, ignore_index, num_threads);
+        py::gil_scoped_release release;
+        rk::token_logprobs_fwd_cpu(static_cast<rk::DType>(dtype), a, ptr<void*>(logp),
+                                   ptr<void*>(lse));
+      });
+  m.def(
+      "token_logprobs_bwd_cpu",
+      [](int dtype, int64_t b, int64_t t, int64_t v, std::uintptr_t logits, int64_t stride_b,
+         int64_t stride_t, std::uintptr_t labels, int64_t ignore_index, std::uintptr_t lse,
+         std::uintptr_t w, std::uintptr_t grad, int64_t grad_ld, int num_threads) {
+        const rk::TokenRowsArgs a =
+            token_args(b, t, v, logits, stride_b, stride_t, labels, ignore_index, num_threads);
+        py::gil_scoped_release release;
+        rk::token_logprobs_bwd_cpu(static_cast<rk::DType>(dtype), a, ptr<const void*>(lse),
+                                   ptr<const void*>(w), ptr<void*>(grad), grad_ld);
+      });
 #ifdef RK_WITH_CUDA
   m.def(
       "rationale_loss_rows_cuda",
@@ -112,6 +151,39 @@ PYBIND11_MODULE(_C, m) {
                                              reinterpret_cast<void*>(stream));
         }
         if (err != nullptr) throw std::runtime_error(std::string("rationale_loss cuda: ") + err);
+      });
+  m.def(
+      "token_logprobs_fwd_cuda",
+      [](int dtype, int64_t b, int64_t t, int64_t v, std::uintptr_t logits, int64_t stride_b,
+         int64_t stride_t, std::uintptr_t labels, int64_t ignore_index, std::uintptr_t logp,
+         std::uintptr_t lse, std::uintptr_t stream) {
+        const rk::TokenRowsArgs a =
+            token_args(b, t, v, logits, stride_b, stride_t, labels, ignore_index, 0);
+        const char* err = nullptr;
+        {
+          py::gil_scoped_release release;
+          err = rk::token_logprobs_fwd_cuda(static_cast<rk::DType>(dtype), a, ptr<void*>(logp),
+                                            ptr<void*>(lse), reinterpret_cast<void*>(stream));
+        }
+        if (err != nullptr)
+          throw std::runtime_error(std::string("token_logprobs_fwd cuda: ") + err);
+      });
+  m.def(
+      "token_logprobs_bwd_cuda",
+      [](int dtype, int64_t b, int64_t t, int64_t v, std::uintptr_t logits, int64_t stride_b,
+         int64_t stride_t, std::uintptr_t labels, int64_t ignore_index, std::uintptr_t lse,
+         std::uintptr_t w, std::uintptr_t grad, int64_t grad_ld, std::uintptr_t stream) {
+        const rk::TokenRowsArgs a =
+            token_args(b, t, v, logits, stride_b, stride_t, labels, ignore_index, 0);
+        const char* err = nullptr;
+        {
+          py::gil_scoped_release release;
+          err = rk::token_logprobs_bwd_cuda(static_cast<rk::DType>(dtype), a, ptr<const void*>(lse),
+                                            ptr<const void*>(w), ptr<void*>(grad), grad_ld,
+                                            reinterpret_cast<void*>(stream));
+        }
+        if (err != nullptr)
+          throw std::runtime_error(std::string("token_logprobs_bwd cuda: ") + err);
       });
 #endif
 }

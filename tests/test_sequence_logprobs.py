@@ -1,0 +1,309 @@
+"""sequence_logprobs: the row kernels (native CPU / CUDA, Triton) against a float64 oracle."""
+
+import math
+
+import pytest
+import torch
+
+from rationale_kernels import _native
+from rationale_kernels.testing import assert_idiom, rel_err
+
+# ---- row kernels
+# token_logprobs_{fwd,bwd}_{cpu,cuda} (rationale_kernels._C, contract csrc/sequence_logprobs.h) and
+# rationale_kernels.triton.sequence_logprobs, called directly with raw pointers / tensors.
+
+_DT = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+ROW_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+ROW_BACKENDS = (["cpu"] if _native.has_cpu() else []) + (["triton"] if _native.has_triton() else [])
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rows_fwd(backend, z, y, ignore=-100, num_threads=0):
+    """(logp, lse) [B, T] of the [B, T, V] logits z (unit stride on V) with labels y [B, T]."""
+    if backend == "triton":
+        from rationale_kernels.triton.sequence_logprobs import token_logprobs_fwd
+
+        return token_logprobs_fwd(z, y, ignore)
+    B, T, V = z.shape
+    logp = torch.full((B, T), math.pi, dtype=_acc(z.dtype), device=z.device)
+    lse = torch.full_like(logp, math.pi)
+    args = (_DT[z.dtype], B, T, V, z.data_ptr(), z.stride(0), z.stride(1), y.data_ptr(), ignore)
+    args += (logp.data_ptr(), lse.data_ptr())
+    if backend == "cpu":
+        _native.native().token_logprobs_fwd_cpu(*args, num_threads)
+    else:
+        _native.native().token_logprobs_fwd_cuda(*args, torch.cuda.current_stream().cuda_stream)
+    return logp, lse
+
+
+def rows_bwd(backend, z, y, lse, w, ignore=-100, grad=None, num_threads=0):
+    """grad [B * T, V] = w ([j == y] - exp(z - lse)); written into grad when given (may be z)."""
+    B, T, V = z.shape
+    if grad is None:  # filled with garbage: every element must be written
+        grad = torch.full((B * T, V), math.pi, dtype=z.dtype, device=z.device)
+    if backend == "triton":
+        from rationale_kernels.triton.sequence_logprobs import token_logprobs_bwd
+
+        return token_logprobs_bwd(z, y, lse, w, ignore, grad)
+    args = (_DT[z.dtype], B, T, V, z.data_ptr(), z.stride(0), z.stride(1), y.data_ptr(), ignore)
+    args += (lse.data_ptr(), w.data_ptr(), grad.data_ptr(), grad.stride(0))
+    if backend == "cpu":
+        _native.native().token_logprobs_bwd_cpu(*args, num_threads)
+    else:
+        _native.native().token_logprobs_bwd_cuda(*args, torch.cuda.current_stream().cuda_stream)
+    return grad
+
+
+def oracle(z, y, w, ignore=-100):
+    """float64 (logp, lse, grad [B * T, V]): log_softmax + gather; grad = w (onehot - softmax)."""
+    V = z.shape[-1]
+    z64 = z.double()
+    valid = y != ignore
+    yc = torch.where(valid, y, torch.zeros_like(y))
+    lsm = torch.log_softmax(z64, -1)
+    logp = torch.where(valid, lsm.gather(-1, yc[..., None]).squeeze(-1), 0.0)
+    lse = torch.where(valid, torch.logsumexp(z64, -1), 0.0)
+    onehot = torch.nn.functional.one_hot(yc, V).double()
+    live = (valid & (w != 0))[..., None]
+    grad = torch.where(live, w.double()[..., None] * (onehot - lsm.exp()), 0.0)
+    return logp, lse, grad.reshape(-1, V)
+
+
+def torch_same_dtype(z, y, w, ignore=-100):
+    """The same quantities from torch at z's dtype (autograd of log_softmax + gather)."""
+    V = z.shape[-1]
+    valid = y != ignore
+    yc = torch.where(valid, y, torch.zeros_like(y))
+    zz = z.detach().clone().requires_grad_()
+    tok = torch.log_softmax(zz, -1).gather(-1, yc[..., None]).squeeze(-1)
+    logp = torch.where(valid, tok, torch.zeros_like(tok))
+    (logp * torch.where(valid, w, 0.0).to(z.dtype)).sum().backward()
+    lse = torch.where(valid, torch.logsumexp(z, -1), torch.zeros((), dtype=z.dtype))
+    return logp.detach(), lse, zz.grad.reshape(-1, V)
+
+
+def make_rows(B, T, V, dtype, seed=0, scale=3.0, offset=0.0, device="cpu"):
+    """Logits [B, T, V], labels (row 1 ignored), weights in [0, 2) (row 2 has w = 0)."""
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(B, T, V, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+    y = torch.randint(0, V, (B, T), generator=g)
+    w = torch.rand(B, T, generator=g, dtype=torch.float64) * 2
+    if B * T > 2:
+        y.view(-1)[1] = -100
+        w.view(-1)[2] = 0.0
+    return z.to(device), y.to(device), w.to(_acc(dtype)).to(device)
+
+
+def check_rows(backend, z, y, w, ignore=-100):
+    dtype = z.dtype
+    logp, lse = rows_fwd(backend, z, y, ignore)
+    grad = rows_bwd(backend, z, y, lse, w, ignore)
+    assert logp.dtype == lse.dtype == _acc(dtype) and logp.shape == lse.shape == y.shape
+    assert grad.dtype == dtype and grad.shape == (y.numel(), z.shape[-1])
+    r = oracle(z.cpu(), y.cpu(), w.cpu(), ignore)
+    t = torch_same_dtype(z.cpu(), y.cpu(), w.cpu(), ignore)
+    for name, out, ref, same in zip(("logp", "lse", "grad"), (logp, lse, grad), r, t):
+        assert_idiom(out.cpu(), ref, same, dtype, f"{backend} {name}")
+    ignored = (y == ignore).cpu()
+    assert (logp.cpu()[ignored] == 0).all() and (lse.cpu()[ignored] == 0).all()
+    dead = (ignored | (w.cpu() == 0)).reshape(-1)
+    assert (grad.cpu()[dead] == 0).all()
+    return logp, lse, grad
+
+
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 3, 7), (3, 11, 1000)])
+def test_rows_match_oracle(backend, dtype, shape):
+    check_rows(backend, *make_rows(*shape, dtype))
+
+
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+def test_rows_large_vocab_cpu(dtype):
+    if not _native.has_cpu():
+        pytest.skip("native module not built")
+    check_rows("cpu", *make_rows(2, 3, 32003, dtype))
+
+
+def test_rows_large_vocab_triton():
+    if not _native.has_triton():
+        pytest.skip("triton not installed")
+    check_rows("triton", *make_rows(1, 3, 32003, torch.float32))
+
+
+def test_rows_num_threads_cpu():
+    if not _native.has_cpu():
+        pytest.skip("native module not built")
+    z, y, w = make_rows(4, 9, 1000, torch.float32)
+    outs = []
+    for n in (1, 2, 0):
+        logp, lse = rows_fwd("cpu", z, y, num_threads=n)
+        outs.append((logp, lse, rows_bwd("cpu", z, y, lse, w, num_threads=n)))
+    for o in outs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(outs[0], o))
+
+
+def _strided_views(B, T, V, dtype, device):
+    g = torch.Generator().manual_seed(3)
+    base = (torch.randn(B, T + 1, V, generator=g, dtype=torch.float64) * 3).to(dtype).to(device)
+    shifted = base[:, :-1]  # the causal-LM shift, no copy: stride_b = (T + 1) V
+    tb = (torch.randn(T, B, V, generator=g, dtype=torch.float64) * 3).to(dtype).to(device)
+    return {"shifted": shifted, "transposed": tb.transpose(0, 1)}  # stride_b = V, stride_t = B V
+
+
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_strided_views(backend, dtype):
+    B, T, V = 3, 5, 300 if backend == "triton" else 1001
+    _, y, w = make_rows(B, T, V, dtype)
+    for name, z in _strided_views(B, T, V, dtype, "cpu").items():
+        assert not z.is_contiguous(), name
+        logp, lse, grad = check_rows(backend, z, y, w)
+        # the same rows, copied: bitwise the same results (the math is per row and per element)
+        zc = z.contiguous()
+        logp_c, lse_c = rows_fwd(backend, zc, y)
+        assert torch.equal(logp, logp_c) and torch.equal(lse, lse_c), name
+        assert torch.equal(grad, rows_bwd(backend, zc, y, lse_c, w)), name
+
+
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
+@pytest.mark.parametrize("B", [1, 2])
+def test_rows_in_place_backward(backend, B):
+    z, y, w = make_rows(B, 6, 777, torch.bfloat16)
+    logp, lse = rows_fwd(backend, z, y)
+    expect = rows_bwd(backend, z, y, lse, w)
+    zi = z.clone()
+    out = rows_bwd(backend, zi, y, lse, w, grad=zi.view(-1, z.shape[-1]))  # grad is the logits
+    assert out.data_ptr() == zi.data_ptr()
+    assert torch.equal(zi.view(-1, z.shape[-1]), expect)
+
+
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_large_magnitude(backend, dtype):
+    # |z| ~ 1e4 spread: the forward is centred on the row max, so it stays as accurate as
+    # log_softmax; every row has one dominant token.
+    check_rows(backend, *make_rows(2, 4, 300, dtype, scale=1e4))
+    # z ~ 1e4 + N(0, 3): many tokens share the mass. logp is still as accurate as log_softmax, but
+    # the backward only has lse (rounded to the accumulation type: |error| <= ulp(lse) / 2), so
+    # exp(z - lse) carries that relative error. Check the kernel against the contract evaluated at
+    # its own lse, and lse against the exact one.
+    z, y, w = make_rows(2, 4, 300, dtype, offset=1e4)
+    logp, lse = rows_fwd(backend, z, y)
+    r_logp, r_lse, _ = oracle(z, y, w)
+    assert_idiom(logp, r_logp, torch_same_dtype(z, y, w)[0], dtype, "logp")
+    ulp = torch.finfo(_acc(dtype)).eps * r_lse.abs()
+    assert ((lse.double() - r_lse).abs() <= ulp).all()
+    grad = rows_bwd(backend, z, y, lse, w)
+    valid = y != -100
+    yc = torch.where(valid, y, 0)
+    onehot = torch.nn.functional.one_hot(yc, z.shape[-1]).double()
+    at_lse = w.double()[..., None] * (onehot - torch.exp(z.double() - lse.double()[..., None]))
+    at_lse = torch.where((valid & (w != 0))[..., None], at_lse, 0.0).reshape(grad.shape)
+    assert rel_err(grad, at_lse) <= 10 * torch.finfo(_acc(dtype)).eps
+
+
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
+def test_rows_minus_inf_logits(backend):
+    z, y, w = make_rows(1, 4, 20, torch.float32)
+    w.fill_(1.0)
+    y[0] = torch.tensor([0, 1, 12, 6])
+    z[0, :, 5:9] = -math.inf  # banned tokens: probability 0
+    z[0, 2, :5] = -math.inf
+    logp, lse = rows_fwd(backend, z, y)
+    grad = rows_bwd(backend, z, y, lse, w)
+    r_logp, r_lse, r_grad = oracle(z, y, w)
+    assert logp[0, 3] == -math.inf  # label on a -inf logit
+    assert rel_err(logp[0, :3], r_logp[0, :3]) < 1e-6 and rel_err(lse, r_lse) < 1e-6
+    assert torch.isfinite(grad).all() and rel_err(grad, r_grad) < 1e-6
+    assert torch.equal(grad[:, 5:9][[0, 1, 2]], torch.zeros(3, 4))
+    assert grad[3, 6] == 1.0  # w ([j == y] - 0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's inf - inf
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_rows_non_finite_give_nan(backend, bad):
+    z, y, w = make_rows(1, 6, 30, torch.float32)
+    w.fill_(1.0)
+    y[0, 1] = -100  # ignored: zeros whatever the logits
+    w[0, 2] = 0.0  # zero weight: zeros whatever the logits
+    z[0, :4, 7] = bad
+    logp, lse = rows_fwd(backend, z, y)
+    assert torch.isnan(logp[0, [0, 2, 3]]).all() and torch.isnan(lse[0, [0, 2, 3]]).all()
+    assert logp[0, 1] == 0 and lse[0, 1] == 0
+    assert torch.isfinite(logp[0, 4:]).all()
+    grad = rows_bwd(backend, z, y, lse, w)
+    assert torch.isnan(grad[[0, 3]]).all()
+    assert (grad[[1, 2]] == 0).all() and torch.isfinite(grad[4:]).all()
+
+
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
+def test_rows_empty(backend):
+    z = torch.randn(0, 4, 10)
+    y = torch.zeros(0, 4, dtype=torch.long)
+    logp, lse = rows_fwd(backend, z, y)
+    assert logp.shape == (0, 4)
+    grad = rows_bwd(backend, z, y, lse, torch.ones(0, 4))
+    assert grad.shape == (0, 10)
+
+
+# GPU: the same checks with the CUDA kernels and compiled Triton (block- and warp-per-row paths,
+# misaligned rows through odd V and shifted views).
+
+
+def _gpu_backend(backend):
+    if backend == "cuda" and not _native.has_cuda():
+        pytest.skip("built without CUDA")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", ROW_DTYPES)
+@pytest.mark.parametrize(
+    "shape", [(1, 1, 1), (2, 3, 7), (3, 43, 1000), (2, 5, 2048), (2, 5, 2049), (2, 9, 32003)]
+)
+def test_gpu_rows_match_oracle(backend, dtype, shape):
+    _gpu_backend(backend)
+    check_rows(backend, *make_rows(*shape, dtype, device="cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [1001, 32003])
+def test_gpu_rows_strided_and_in_place(backend, dtype, V):
+    _gpu_backend(backend)
+    B, T = 3, 5
+    _, y, w = make_rows(B, T, V, dtype, device="cuda")
+    for z in _strided_views(B, T, V, dtype, "cuda").values():
+        check_rows(backend, z, y, w)
+    z = make_rows(B, T, V, dtype, device="cuda")[0]
+    logp, lse = rows_fwd(backend, z, y)
+    expect = rows_bwd(backend, z, y, lse, w)
+    rows_bwd(backend, z, y, lse, w, grad=z.view(-1, V))
+    assert torch.equal(z.view(-1, V), expect)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_rows_special_values(backend):
+    _gpu_backend(backend)
+    z, y, w = make_rows(2, 4, 3000, torch.float32, device="cuda")
+    y.clamp_(min=0)
+    w.fill_(1.0)
+    z[0, 0, 100:200] = -math.inf
+    z[0, 1, 7] = math.nan
+    z[0, 2, 9] = math.inf
+    y[0, 3] = 5
+    z[0, 3, 5] = -math.inf
+    logp, lse = rows_fwd(backend, z, y)
+    grad = rows_bwd(backend, z, y, lse, w)
+    assert torch.isnan(logp[0, 1:3]).all() and torch.isnan(grad[1:3]).all()
+    assert logp[0, 3] == -math.inf
+    r = oracle(z[1:].cpu(), y[1:].cpu(), w[1:].cpu())
+    assert rel_err(logp[1:].cpu(), r[0]) < 1e-6 and rel_err(grad[4:].cpu(), r[2]) < 1e-6
+    assert (grad[0, 100:200] == 0).all() and torch.isfinite(grad[0]).all()

@@ -1,8 +1,21 @@
-"""Markdown tables from a pytest-benchmark JSON file: python bench/report.py out.json"""
+"""Markdown tables from pytest-benchmark JSON files: python bench/report.py out.json [more.json ...]
+
+Ratios are against each group's baseline: the first provider named in BASELINES that is present
+(the eager reference of the op), else the fastest row."""
 
 import json
 import sys
 from collections import defaultdict
+
+BASELINES = ("torch-eager", "trl-eager", "torch-sort", "hf-generate")
+
+
+def _baseline(rows):
+    for name in BASELINES:
+        for b in rows:
+            if b["param"] == name or b["param"].endswith("-" + name):
+                return b
+    return rows[0]
 
 
 def main(path: str) -> None:
@@ -14,11 +27,12 @@ def main(path: str) -> None:
           f"date: {data['datetime'][:10]}")  # fmt: skip
     for group, rows in groups.items():
         rows.sort(key=lambda b: b["stats"]["median"])
-        base = next((b for b in rows if b["param"] == "torch-eager"), rows[0])
+        base = _baseline(rows)
         t0, m0 = base["stats"]["median"], base["extra_info"].get("peak_extra_mb")
         print(f"\n### {group}\n")
-        print("| provider | device | median ms | vs eager time | peak extra MiB | vs eager mem "
-              "| TFLOP/s |")  # fmt: skip
+        print(f"baseline: {base['param']}\n")
+        print("| provider | device | median ms | vs baseline time | peak extra MiB "
+              "| vs baseline mem | TFLOP/s |")  # fmt: skip
         print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
         for b in rows:
             t, mem = b["stats"]["median"], b["extra_info"].get("peak_extra_mb")
@@ -29,4 +43,7 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    for i, p in enumerate(sys.argv[1:]):
+        if i:
+            print()
+        main(p)

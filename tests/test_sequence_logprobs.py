@@ -170,6 +170,20 @@ def test_rows_strided_views(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", ROW_BACKENDS)
+def test_rows_single_column_any_stride(backend):
+    # V == 1: the last stride is never used (a size-1 dim may keep any stride)
+    z = torch.randn(3, 2, 5)[..., ::5]
+    assert z.stride(-1) == 5
+    y = torch.zeros(3, 2, dtype=torch.long)
+    y[1, 1] = -100
+    logp, lse = rows_fwd(backend, z, y)
+    assert torch.equal(logp, torch.zeros(3, 2)) and torch.equal(
+        lse, torch.where(y == 0, z[..., 0], 0)
+    )
+    assert torch.equal(rows_bwd(backend, z, y, lse, torch.ones(3, 2)), torch.zeros(6, 1))
+
+
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
 @pytest.mark.parametrize("B", [1, 2])
 def test_rows_in_place_backward(backend, B):
     z, y, w = make_rows(B, 6, 777, torch.bfloat16)

@@ -144,7 +144,8 @@ def _device_ctx(t: torch.Tensor):
 def token_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
     """(logp, lse), both [B, T] in the accumulation type (float32; float64 for float64 logits).
 
-    logits: [B, T, V] with unit stride on V (any B / T strides); labels: int64 [B, T] contiguous.
+    logits: [B, T, V] with unit stride on V (any B / T strides; any V stride when V == 1);
+    labels: int64 [B, T] contiguous.
     Ignored rows (label == ignore_index) get logp = lse = 0."""
     acc = _acc_dtype(logits.dtype)
     B, T, V = logits.shape
@@ -152,7 +153,7 @@ def token_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index:
     lse = torch.empty((B, T), dtype=acc, device=logits.device)
     if B * T == 0:
         return logp, lse
-    assert logits.stride(2) == 1 and labels.is_contiguous() and labels.shape == (B, T)
+    assert (logits.stride(2) == 1 or V == 1) and labels.is_contiguous() and labels.shape == (B, T)
     block, num_warps = _launch_config(V, logits.dtype)
     with _device_ctx(logits):
         _token_logprobs_fwd_kernel[(B * T,)](
@@ -188,7 +189,7 @@ def token_logprobs_bwd(
     B, T, V = logits.shape
     if B * T == 0:
         return grad
-    assert logits.stride(2) == 1 and labels.is_contiguous() and labels.numel() == B * T
+    assert (logits.stride(2) == 1 or V == 1) and labels.is_contiguous() and labels.numel() == B * T
     assert grad.dim() == 2 and grad.shape == (B * T, V) and grad.dtype == logits.dtype
     assert grad.stride(1) == 1 or V <= 1
     assert lse.dtype == acc and w.dtype == acc and lse.is_contiguous() and w.is_contiguous()

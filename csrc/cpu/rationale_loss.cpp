@@ -117,9 +117,11 @@ inline SegState<Acc> merge(const SegState<Acc>& a, const SegState<Acc>& b) {
 }
 
 // Cloned per ISA so wheels built for baseline x86-64 still use AVX2/AVX-512 where the CPU has it.
+// x86-64-v3/v4 rather than avx2/avx512f: those bring F16C + FMA too, so fp16 conversions are
+// instructions, not libcalls (1024 x 32000 fp16 NLL+entropy fwd+bwd, 2 cores: 2515 -> 110 ms).
 template <typename T, typename Acc>
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #endif
 void row(const RowLossArgs& a, int64_t n) {
   Acc* terms = static_cast<Acc*>(a.terms) + n * 4;

@@ -64,6 +64,17 @@ def test_greedy_matches_hf_generate(model, tok):
     assert ours.finish_reason[1] == "eos" and ours.lengths[1] <= 7
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "bloom", "gemma2"])
+def test_greedy_matches_hf_other_architectures(tok, arch):
+    """Absolute learned positions (position ids matter under left padding), ALiBi models whose
+    forward takes no position ids, sliding-window layers with prompts longer than the window."""
+    m = tiny.tiny_other(arch, len(tok))
+    prompts = PROMPTS + ["abcdefghijklmnopqrst"]
+    ours = greedy(m, tok, prompts=prompts, max_new_tokens=14, eos_token_id=EOS)
+    ref = hf_greedy(m, tok, prompts, 14, EOS)
+    assert [ours.tokens(r) for r in range(len(prompts))] == ref
+
+
 def test_result_layout(model, tok):
     c = generate_candidates(model, tok, PROMPTS, 3, 8, seed=1, ignore_eos=True)
     assert isinstance(c, Candidates) and len(c) == 12 and c.num_prompts == 4
@@ -261,6 +272,20 @@ def test_legacy_tuple_cache_helpers():
     assert torch.equal(sel[1][1][1], (k + 3)[1])
     with pytest.raises(TypeError, match="batch_repeat_interleave"):
         _cache_repeat(object(), 2)
+
+    class OldCache:  # a Cache of old transformers: legacy conversion only
+        def __init__(self, legacy):
+            self.legacy = legacy
+
+        def to_legacy_cache(self):
+            return self.legacy
+
+        @classmethod
+        def from_legacy_cache(cls, legacy):
+            return cls(legacy)
+
+    old = _cache_select(_cache_repeat(OldCache(cache), 3), torch.tensor([0, 5]))
+    assert isinstance(old, OldCache) and torch.equal(old.legacy[1][1][1], (k + 3)[1])
 
 
 def test_bad_inputs(model, tok):

@@ -117,17 +117,34 @@ def _model_device(model) -> torch.device:
     return torch.device("cpu")
 
 
-def _logits_to_keep_kwarg(model) -> Dict[str, int]:
+def _forward_params(model):
+    try:
+        return inspect.signature(model.forward).parameters
+    except (TypeError, ValueError, AttributeError):  # pragma: no cover
+        return {}
+
+
+def _logits_to_keep_kwarg(params) -> Dict[str, int]:
     """``{"logits_to_keep": 1}`` (transformers >= 4.50) or ``{"num_logits_to_keep": 1}`` (4.45-4.49)
     when the model's forward takes it, so prefill computes only the last position's logits."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):  # pragma: no cover
-        return {}
     for name in ("logits_to_keep", "num_logits_to_keep"):
         if name in params:
             return {name: 1}
     return {}
+
+
+def _takes_position_ids(params) -> bool:
+    """Models without position ids (ALiBi: BLOOM, MPT) derive positions from the mask themselves;
+    a forward hidden behind ``**kwargs`` (wrappers) is given them."""
+    if not params or "position_ids" in params:
+        return True
+    return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _legacy_roundtrip(cache, fn):
+    """A Cache object without the batch methods (old transformers): through the legacy format."""
+    legacy = fn(cache.to_legacy_cache())
+    return type(cache).from_legacy_cache(legacy)
 
 
 def _cache_repeat(cache, n: int):
@@ -138,6 +155,8 @@ def _cache_repeat(cache, n: int):
         return cache
     if isinstance(cache, (tuple, list)):  # legacy: per layer (key, value, ...) [B, heads, T, D]
         return tuple(tuple(t.repeat_interleave(n, dim=0) for t in layer) for layer in cache)
+    if hasattr(cache, "to_legacy_cache") and hasattr(cache, "from_legacy_cache"):
+        return _legacy_roundtrip(cache, lambda c: _cache_repeat(c, n))
     raise TypeError(
         f"cannot expand a {type(cache).__name__} KV cache to the candidates: it has no "
         "batch_repeat_interleave() and is not a legacy tuple cache"
@@ -150,11 +169,15 @@ def _cache_select(cache, idx: Tensor):
         return cache
     if isinstance(cache, (tuple, list)):
         return tuple(tuple(t.index_select(0, idx) for t in layer) for layer in cache)
-    return None  # cannot compact: keep feeding pad tokens to finished rows
+    return _legacy_roundtrip(cache, lambda c: _cache_select(c, idx))
 
 
 def _can_select(cache) -> bool:
-    return hasattr(cache, "batch_select_indices") or isinstance(cache, (tuple, list))
+    return (
+        hasattr(cache, "batch_select_indices")
+        or isinstance(cache, (tuple, list))
+        or (hasattr(cache, "to_legacy_cache") and hasattr(cache, "from_legacy_cache"))
+    )
 
 
 def _as_id_list(x, name: str) -> List[int]:
@@ -362,7 +385,9 @@ def generate_candidates(
     lengths = torch.zeros(M, dtype=torch.int64, device=device)
     reasons = torch.full((M,), _LENGTH, dtype=torch.int64, device=device)
     sample = _sampler()
-    keep_kw = _logits_to_keep_kwarg(model)
+    fparams = _forward_params(model)
+    keep_kw = _logits_to_keep_kwarg(fparams)
+    pos_ok = _takes_position_ids(fparams)
 
     was_training = model.training
     model.eval()
@@ -374,7 +399,7 @@ def generate_candidates(
                 _decode_chunk(
                     model, tokenizer, sample, chunk, [prompt_ids[i] for i in chunk], N, width,
                     params, generator, eos, stop_strings, pad_id, return_logprobs, backend,
-                    keep_kw, compact_fraction, device, out_ids, out_lp, lengths, reasons,
+                    keep_kw, pos_ok, compact_fraction, device, out_ids, out_lp, lengths, reasons,
                 )  # fmt: skip
     finally:
         model.train(was_training)
@@ -403,8 +428,8 @@ def generate_candidates(
 
 def _decode_chunk(
     model, tokenizer, sample, chunk, ids_list, N, width, params, generator, eos, stop_strings,
-    pad_id, return_logprobs, backend, keep_kw, compact_fraction, device, out_ids, out_lp, lengths,
-    reasons,
+    pad_id, return_logprobs, backend, keep_kw, pos_ok, compact_fraction, device, out_ids, out_lp,
+    lengths, reasons,
 ):  # fmt: skip
     """Decode one chunk of prompts into the (device) output buffers. One host sync per step (the
     number of running rows), plus the stop-string check when there are stop strings."""
@@ -432,9 +457,8 @@ def _decode_chunk(
     eos_t = torch.tensor(eos, dtype=torch.int64, device=device) if eos else None
     max_stop = max((len(s) for s in stop_strings), default=0)
 
-    out = model(
-        input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep_kw
-    )
+    extra = dict(keep_kw, position_ids=pos) if pos_ok else keep_kw
+    out = model(input_ids=input_ids, attention_mask=mask, use_cache=True, **extra)
     cache = _check_output(model, out)
     res = sample(
         out.logits[:, -1, :], num_samples=N, generator=generator,
@@ -492,9 +516,10 @@ def _decode_chunk(
 
         feed = torch.where(active, tok, torch.full_like(tok, pad_id))
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        extra = {"position_ids": next_pos[:, None]} if pos_ok else {}
         out = model(
-            input_ids=feed[:, None], attention_mask=mask, position_ids=next_pos[:, None],
-            past_key_values=cache, use_cache=True,
+            input_ids=feed[:, None], attention_mask=mask, past_key_values=cache, use_cache=True,
+            **extra,
         )  # fmt: skip
         cache = out.past_key_values
         next_pos = next_pos + 1

@@ -81,9 +81,7 @@ def _device_name():
     return f"CPU x{torch.get_num_threads()}"
 
 
-@pytest.mark.parametrize("setting", list(SETTINGS))
-@pytest.mark.parametrize("provider", list(PROVIDERS))
-def test_sample(benchmark, provider, setting):
+def _run(benchmark, provider, setting):
     top_k, top_p = SETTINGS[setting]
     benchmark.group = f"sampling {setting} (T={TEMPERATURE}, k={top_k}, p={top_p}) B={B} V={V}"
     g = torch.Generator().manual_seed(0)
@@ -102,3 +100,13 @@ def test_sample(benchmark, provider, setting):
     if DEVICE.type == "cuda":
         gbps = B * V * 4 / benchmark.stats.stats.median / 1e9
         benchmark.extra_info["logits_read_gbps"] = round(gbps, 1)
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_topk_topp(benchmark, provider):
+    _run(benchmark, provider, "topk_topp")
+
+
+@pytest.mark.parametrize("provider", list(PROVIDERS))
+def test_topp(benchmark, provider):
+    _run(benchmark, provider, "topp")

@@ -58,7 +58,8 @@ def _radix_search(row_ptr, V, m, inv_t, key_min, target, MASS: tl.constexpr,
             hit = key[:, None] >= piv[None, :]
             acc += tl.sum(tl.where(hit, w[:, None], 0.0), 0)
         # at shift 28 only digits < 8 are valid (d << 28 must stay positive)
-        good = (acc >= target) & ((d < 8) | (shift < 28))
+        lim: tl.constexpr = 8 if it == 0 else 16
+        good = (acc >= target) & (d < lim)
         best = tl.max(tl.where(good, d, 0), 0)
         prefix = prefix | (best << shift)
     return prefix
@@ -191,7 +192,7 @@ def sample_rows(logits, temperature, temperature_s, top_k, top_k_s, top_p, top_p
     block = min(triton.next_power_of_2(V), 1024)
     # draws per inner step: a [SB, BLOCK] tile; the interpreter (numpy) prefers big tiles
     tile = 1 << 18 if _native.triton_interpret() else 1 << 14
-    sb = min(triton.next_power_of_2(S), max(2, tile // block))
+    sb = max(2, min(triton.next_power_of_2(S), tile // block))
     num_warps = 4 if block <= 256 else 8
     _sample_kernel[(B,)](
         logits, logits.stride(0), V,

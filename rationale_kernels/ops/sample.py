@@ -33,8 +33,8 @@ from torch import Tensor
 from .. import _native
 from .._dispatch import resolve_backend
 from ..reference import sample as ref_impl
+from ._common import _DTYPE_CODES
 
-_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
 _BAD_NONFINITE = -1  # a row holding NaN or +inf
 _BAD_ALL_NEG_INF = -2  # a row whose logits are all -inf
 

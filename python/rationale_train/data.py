@@ -452,11 +452,12 @@ def _read_json_lines(path: Path) -> list[dict]:
 
 
 def _find_file(what: str, root: PathLike | None, dirnames: Sequence[str], names: Sequence[str]):
-    """First existing ``<base>/<name>`` over base in (root, root/<dirname>...) or default roots."""
+    """First existing ``<base>/<name>``, base in (root/<dirname>..., root) for the given root or
+    each default root."""
     bases: list[Path] = []
     for r in [Path(root)] if root is not None else _default_roots():
-        bases.append(r)
         bases.extend(r / d for d in dirnames)
+        bases.append(r)
     tried = []
     for b in bases:
         for n in names:

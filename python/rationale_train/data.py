@@ -91,7 +91,8 @@ class Example:
 
     @classmethod
     def from_dict(cls, d: dict) -> Example:
-        """Build from a dict; ``question`` and ``answer`` are required, the rest optional."""
+        """Build from a dict; ``id``, ``question`` and ``answer`` are required, the rest optional
+        (``choices``/``rationale`` default to ``None``, ``meta`` to ``{}``); unknown keys raise."""
         if not isinstance(d, dict):
             raise TypeError(f"an example must be a JSON object, got {type(d).__name__}")
         missing = [k for k in ("id", "question", "answer") if k not in d]
@@ -556,6 +557,8 @@ def load_commonsenseqa(split: str, root: PathLike | None = None) -> list[Example
         chs = sorted(q["choices"], key=lambda c: c["label"])
         labels = [c["label"].upper() for c in chs]
         key = row.get("answerKey")
+        if key and key.upper() not in labels:
+            raise ValueError(f"{path} row {i}: answerKey {key!r} is not one of {labels}")
         idx = labels.index(key.upper()) if key else None
         out.append(
             _mc_example(

@@ -362,6 +362,28 @@ def test_choice_logprobs_keeps_only_answer_logits(lm, tok):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_answer_tokens_as_in_training_text_bpe():
+    """With a byte-level BPE the prompt's trailing space belongs to the answer's first token, as
+    in the training text: "... is" + " yes" -> "Ġyes", not "Ġ" + "yes"."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )  # fmt: skip
+    bpe.train_from_iterator(["So the answer is yes. So the answer is no."] * 20, trainer)
+    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    t = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", pad_token="<pad>")
+    prompt = "q? So the answer is "
+    ((_, _, ctx, cont),) = R._context_continuation(t, [prompt], [["yes."]])
+    assert ctx + cont == t(prompt + "yes.")["input_ids"]
+    assert t.convert_ids_to_tokens(cont) == ["Ġyes", "."]
+
+
 def test_choice_logprobs_edge_cases(lm, tok):
     assert R.choice_logprobs(lm, tok, [], []) == []
     out = R.choice_logprobs(lm, tok, ["abc", "de"], [[], ["f"]])

@@ -277,24 +277,35 @@ register_reward("diversity", diversity, code="div")
 # ------------------------------------------------------------------- answer log-likelihood scoring
 
 
-def _encode(tokenizer, text: str, add_special_tokens: bool) -> List[int]:
-    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+def _encode(tokenizer, texts: List[str], add_special_tokens: bool) -> List[List[int]]:
+    if not texts:
+        return []
+    return [list(e) for e in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
 
 
-def _context_continuation(tokenizer, prompt: str, choice: str):
-    """Token ids of ``prompt`` (with the tokenizer's special tokens, e.g. BOS) and of ``choice``
-    following it. Trailing whitespace of the prompt moves to the continuation, and the continuation
-    ids are read off the encoding of the whole text, so ``"... is" + " yes"`` tokenises as in
-    training (lm-evaluation-harness's rule; robust to BPE and SentencePiece word boundaries)."""
-    ctx_text = prompt.rstrip()
-    cont_text = prompt[len(ctx_text) :] + choice
-    ctx_ids = _encode(tokenizer, ctx_text, True)
-    whole = _encode(tokenizer, ctx_text + cont_text, True)
-    if whole[: len(ctx_ids)] == ctx_ids and len(whole) > len(ctx_ids):
-        cont_ids = whole[len(ctx_ids) :]
-    else:  # the boundary merged across: encode the continuation alone
-        cont_ids = _encode(tokenizer, cont_text, False)
-    return ctx_ids, cont_ids
+def _context_continuation(tokenizer, prompts, choices_per_prompt):
+    """``(prompt index, choice index, context ids, continuation ids)`` of every pair.
+
+    The context is the prompt with the tokenizer's special tokens (e.g. BOS). Trailing whitespace
+    of the prompt moves to the continuation, and the continuation ids are read off the encoding of
+    the whole text, so ``"... is" + " yes"`` tokenises as the training text does
+    (lm-evaluation-harness's rule; robust to BPE and SentencePiece word boundaries). Where the
+    whole text's ids do not start with the context's (a merge across the boundary, or a tokenizer
+    that appends EOS), the continuation is encoded alone. Texts are encoded in batches."""
+    ctx_texts = [p.rstrip() for p in prompts]
+    ctx_ids = _encode(tokenizer, ctx_texts, True)
+    pairs = [(i, j) for i, cs in enumerate(choices_per_prompt) for j in range(len(cs))]
+    conts = [prompts[i][len(ctx_texts[i]) :] + choices_per_prompt[i][j] for i, j in pairs]
+    wholes = _encode(tokenizer, [ctx_texts[i] + c for (i, _), c in zip(pairs, conts)], True)
+    out = []
+    for (i, j), cont, whole in zip(pairs, conts, wholes):
+        ctx = ctx_ids[i]
+        if len(whole) > len(ctx) and whole[: len(ctx)] == ctx:
+            cont_ids = whole[len(ctx) :]
+        else:
+            cont_ids = _encode(tokenizer, [cont], False)[0]
+        out.append((i, j, ctx, cont_ids))
+    return out
 
 
 def choice_logprobs(
@@ -312,8 +323,9 @@ def choice_logprobs(
     Returns one float32 CPU tensor per prompt, ``[len(choices_per_prompt[i])]``: the mean
     (``average=True``, length-normalised) or sum of the continuation tokens' log-probs.
 
-    - Tokenisation: see ``_context_continuation`` (the prompt gets the tokenizer's special tokens,
-      e.g. BOS; trailing whitespace of the prompt is scored as part of the continuation).
+    - Tokenisation: the prompt gets the tokenizer's special tokens (e.g. BOS); trailing whitespace
+      of the prompt is scored as part of the continuation; the continuation's ids are those the
+      whole text ``prompt + choice`` gets after the prompt's (see ``_context_continuation``).
     - Every (prompt, choice) pair is one row; rows are sorted by length and run ``batch_size`` rows
       per forward pass, left-padded with position ids from the attention mask, under
       ``torch.inference_mode()`` with the model in eval mode (its mode is restored).
@@ -333,20 +345,20 @@ def choice_logprobs(
         )
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    rows = []  # (prompt index, choice index, ids, number of continuation tokens)
-    for i, (prompt, choices) in enumerate(zip(prompts, choices_per_prompt)):
+    for i, choices in enumerate(choices_per_prompt):
         if isinstance(choices, str):
             raise TypeError(f"choices_per_prompt[{i}] must be a list of strings, not a string")
-        for j, choice in enumerate(choices):
-            ctx_ids, cont_ids = _context_continuation(tokenizer, prompt, choice)
-            if not ctx_ids:
-                raise ValueError(
-                    f"prompt {i} tokenises to nothing: the first answer token needs a context "
-                    "(use a tokenizer that adds BOS, or a non-empty prompt)"
-                )
-            if not cont_ids:
-                raise ValueError(f"choice {j} of prompt {i} ({choice!r}) tokenises to nothing")
-            rows.append((i, j, ctx_ids + cont_ids, len(cont_ids)))
+    rows = []  # (prompt index, choice index, ids, number of continuation tokens)
+    for i, j, ctx_ids, cont_ids in _context_continuation(tokenizer, prompts, choices_per_prompt):
+        if not ctx_ids:
+            raise ValueError(
+                f"prompt {i} tokenises to nothing: the first answer token needs a context "
+                "(use a tokenizer that adds BOS, or a non-empty prompt)"
+            )
+        if not cont_ids:
+            choice = choices_per_prompt[i][j]
+            raise ValueError(f"choice {j} of prompt {i} ({choice!r}) tokenises to nothing")
+        rows.append((i, j, ctx_ids + cont_ids, len(cont_ids)))
     out = [torch.zeros(len(c), dtype=torch.float32) for c in choices_per_prompt]
     if not rows:
         return out

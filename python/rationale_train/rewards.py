@@ -20,16 +20,14 @@ A reward scores a batch of generated rationales. Every reward has the same call 
 Batch-level on purpose: model-based rewards (consistency, a plausibility classifier) batch their
 forward passes. A plain per-sample function is a one-line list comprehension.
 
-Built-ins (``available_rewards()``):
+Built-ins (``available_rewards()``; name, control-token code, bins, value):
 
-=============== ======= ========= =============================================================
-name            code    bins      value
-=============== ======= ========= =============================================================
-``correctness`` correct 2         1.0 if ``normalize_answer(pred) == normalize_answer(gold)``
-``diversity``   div     K         Π_{n=2..4} (1 − rep_n) of the whitespace-split rationale
-``consistency`` consist K         P(gold | q, rationale) − P(gold | q) under a scorer LM
-``plausibility`` plaus  K         a classifier's P(plausible), any callable, or the step verifier
-=============== ======= ========= =============================================================
+- ``correctness`` (``correct``, 2 bins): 1.0 if the predicted answer matches the gold one after
+  ``normalize_answer`` (or names the same choice), else 0.0.
+- ``diversity`` (``div``, K bins): Π_{n=2..4} (1 − rep_n) of the whitespace-split rationale.
+- ``consistency`` (``consist``, K bins): P(gold | q, rationale) − P(gold | q) under a scorer LM.
+- ``plausibility`` (``plaus``, K bins): a local classifier's P(plausible), any callable, or the
+  synthetic task's step verifier.
 
 Register your own::
 
@@ -474,12 +472,13 @@ class Consistency(Reward):
     """MaRio's consistency: how much the rationale raises the scorer's belief in the gold answer,
     ``P(gold | question, rationale) − P(gold | question)``, in [−1, 1].
 
-    ``P(· | ·)`` is the softmax over the example's choices of the length-normalised answer
-    log-likelihoods (``choice_logprobs``), i.e. the scorer's distribution over the choices. For an
-    example with no choices (free-form answers, e.g. arithmetic) the reward is the difference of
-    the gold answer's length-normalised log-probs instead,
-    ``mean log p(gold | q, r) − mean log p(gold | q)``: unbounded, on a log scale (the quantiser
-    only uses its order).
+    ``P(· | ·)`` is the softmax over the example's answer options (``answer_options``: the choice
+    labels ``"(A)." "(B)." ...`` as the targets write them, the choice texts, or yes / no) of
+    their length-normalised log-likelihoods (``choice_logprobs``), i.e. the scorer's distribution
+    over the options. For an example with free-form answers (no choices, not yes/no, e.g.
+    arithmetic) the reward is the difference of the gold answer's length-normalised log-probs
+    instead, ``mean log p(gold | q, r) − mean log p(gold | q)``: unbounded, on a log scale (the
+    quantiser only uses its order).
 
     The scorer: ``model`` / ``tokenizer`` given here, else ``ctx["scorer_model"]`` /
     ``ctx["scorer_tokenizer"]``, else ``ctx["ref_model"]`` (the SFT reference, the trainers'
@@ -487,7 +486,8 @@ class Consistency(Reward):
     text the answer follows (default ``answer_prompt``). The no-rationale term depends only on the
     example, so it is computed once per distinct prompt and, with ``cache_baseline=True``, kept
     across calls (keyed by the scorer model object; ``clear_cache()`` after updating a scorer's
-    weights in place).
+    weights in place). ``batch_size``: rows ((prompt, option) pairs) per forward pass; default
+    ``ctx["batch_size"]``, else 16.
     """
 
     def __init__(
@@ -495,7 +495,7 @@ class Consistency(Reward):
         model=None,
         tokenizer=None,
         *,
-        batch_size: int = 16,
+        batch_size: Optional[int] = None,
         prompt_fn: Optional[Callable[[Any, Optional[str]], str]] = None,
         cache_baseline: bool = True,
         backend: str = "auto",
@@ -533,7 +533,7 @@ class Consistency(Reward):
         if n == 0:
             return []
         model, tok = self._scorer(ctx)
-        batch_size = int(ctx.get("batch_size", self.batch_size))
+        batch_size = self.batch_size or int(ctx.get("batch_size") or 16)
         choice_sets, golds = [], []
         for ex in examples:
             options, gold = answer_options(ex)

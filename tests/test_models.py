@@ -173,6 +173,7 @@ def test_save_pretrained_atomic_and_load_model(tmp_path):
     assert t2.padding_side == "left" and t2.pad_token_id == tok.pad_token_id
     text = CONTROL[1] + "what is 3 plus 4?"
     assert t2(text)["input_ids"] == tok(text)["input_ids"]
+    assert "token_type_ids" not in t2(text) and "token_type_ids" not in tok(text)
     assert m2.config.vocab_size == len(tok) and not m2.training
     assert m2.lm_head.weight is m2.model.embed_tokens.weight
     x = tok([text], return_tensors="pt")

@@ -131,6 +131,8 @@ def train_tokenizer(
         pad_token=pad_token,
         unk_token=unk_token,
         padding_side=padding_side,
+        # no token_type_ids (transformers 4.x returns them by default; causal LMs reject them)
+        model_input_names=["input_ids", "attention_mask"],
     )
     if model_max_length is not None:
         kwargs["model_max_length"] = model_max_length

@@ -7,8 +7,8 @@
 #include <string>
 
 #include "rationale_loss.h"
-#include "sequence_logprobs.h"
 #include "sample.h"
+#include "sequence_logprobs.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -64,6 +64,10 @@ rk::TokenRowsArgs token_args(int64_t b, int64_t t, int64_t v, std::uintptr_t log
   a.stride_t = stride_t;
   a.labels = ptr<const int64_t*>(labels);
   a.ignore_index = ignore_index;
+  a.num_threads = num_threads;
+  return a;
+}
+
 rk::SampleArgs make_sample_args(int64_t b, int64_t v, std::uintptr_t logits, int64_t logits_ld,
                                 std::uintptr_t temperature, double temperature_s,
                                 std::uintptr_t top_k, int64_t top_k_s, std::uintptr_t top_p,
@@ -155,6 +159,8 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release release;
         rk::token_logprobs_bwd_cpu(static_cast<rk::DType>(dtype), a, ptr<const void*>(lse),
                                    ptr<const void*>(w), ptr<void*>(grad), grad_ld);
+      });
+  m.def(
       "sample_rows_cpu",
       [](int dtype, int64_t b, int64_t v, std::uintptr_t logits, int64_t logits_ld,
          std::uintptr_t temperature, double temperature_s, std::uintptr_t top_k, int64_t top_k_s,
@@ -169,25 +175,6 @@ PYBIND11_MODULE(_C, m) {
         rk::sample_rows_cpu(static_cast<rk::DType>(dtype), a);
       });
 #ifdef RK_WITH_CUDA
-  m.def(
-      "sample_rows_cuda",
-      [](int dtype, int64_t b, int64_t v, std::uintptr_t logits, int64_t logits_ld,
-         std::uintptr_t temperature, double temperature_s, std::uintptr_t top_k, int64_t top_k_s,
-         std::uintptr_t top_p, double top_p_s, std::uintptr_t min_p, double min_p_s,
-         int64_t num_samples, uint64_t seed, std::uintptr_t ids, std::uintptr_t logprobs,
-         std::uintptr_t stream) {
-        const rk::SampleArgs a = make_sample_args(b, v, logits, logits_ld, temperature,
-                                                  temperature_s, top_k, top_k_s, top_p, top_p_s,
-                                                  min_p, min_p_s, num_samples, seed, ids, logprobs,
-                                                  0);
-        const char* err = nullptr;
-        {
-          py::gil_scoped_release release;
-          err = rk::sample_rows_cuda(static_cast<rk::DType>(dtype), a,
-                                     reinterpret_cast<void*>(stream));
-        }
-        if (err != nullptr) throw std::runtime_error(std::string("sample cuda: ") + err);
-      });
   m.def(
       "rationale_loss_rows_cuda",
       [](int dtype, int64_t n, int64_t v, std::uintptr_t logits, int64_t logits_ld,
@@ -239,6 +226,25 @@ PYBIND11_MODULE(_C, m) {
         }
         if (err != nullptr)
           throw std::runtime_error(std::string("token_logprobs_bwd cuda: ") + err);
+      });
+  m.def(
+      "sample_rows_cuda",
+      [](int dtype, int64_t b, int64_t v, std::uintptr_t logits, int64_t logits_ld,
+         std::uintptr_t temperature, double temperature_s, std::uintptr_t top_k, int64_t top_k_s,
+         std::uintptr_t top_p, double top_p_s, std::uintptr_t min_p, double min_p_s,
+         int64_t num_samples, uint64_t seed, std::uintptr_t ids, std::uintptr_t logprobs,
+         std::uintptr_t stream) {
+        const rk::SampleArgs a = make_sample_args(b, v, logits, logits_ld, temperature,
+                                                  temperature_s, top_k, top_k_s, top_p, top_p_s,
+                                                  min_p, min_p_s, num_samples, seed, ids, logprobs,
+                                                  0);
+        const char* err = nullptr;
+        {
+          py::gil_scoped_release release;
+          err = rk::sample_rows_cuda(static_cast<rk::DType>(dtype), a,
+                                     reinterpret_cast<void*>(stream));
+        }
+        if (err != nullptr) throw std::runtime_error(std::string("sample cuda: ") + err);
       });
 #endif
 }

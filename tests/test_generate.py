@@ -86,6 +86,10 @@ def test_result_layout(model, tok):
     assert c.texts == tok.batch_decode(c.token_ids.tolist(), skip_special_tokens=True)
     assert [len(g) for g in c.texts_by_prompt()] == [3, 3, 3, 3]
     torch.testing.assert_close(c.sequence_logprobs(), c.logprobs.sum(-1))
+    # usable in autograd afterwards (not inference-mode tensors)
+    assert not any(t.is_inference() for t in (c.token_ids, c.lengths, c.logprobs, c.prompt_index))
+    w = torch.zeros(len(tok), requires_grad=True)
+    (w[c.token_ids] * c.logprobs).sum().backward()
 
 
 def test_prefill_once(model, tok):

@@ -58,6 +58,9 @@ class Candidates:
     - ``texts``: the decoded continuation of each row (without a final EOS; cut before a stop string
       unless ``include_stop_str_in_output``).
     - ``finish_reason``: ``"eos"``, ``"stop"`` (stop string) or ``"length"`` (``max_new_tokens``).
+
+    The tensors are ordinary (not inference-mode) tensors: they can serve as labels / old
+    log-probs in a training step.
     """
 
     prompt_index: Tensor
@@ -291,15 +294,16 @@ def generate_candidates(
         model: a Hugging Face causal LM (``model(input_ids, attention_mask=, position_ids=,
             past_key_values=, use_cache=True)`` returning ``.logits`` and ``.past_key_values``).
         tokenizer: its tokenizer (used to encode text prompts, decode texts, match stop strings; a
-            pad token is not required: EOS, else 0, pads).
+            pad token is not required: EOS, else 0, pads). May be ``None`` with token-id prompts
+            and no stop strings (``texts`` are then empty strings).
         prompts: a non-empty list of strings, or of token-id lists (already tokenised; then the
             tokenizer only decodes).
         num_candidates: N >= 1 candidates per prompt.
         max_new_tokens: at most this many generated tokens per candidate (0 gives empty candidates).
         temperature, top_k, top_p, min_p: ``rk.sample``'s filters (temperature 0 = greedy); each a
             number or one value per prompt.
-        seed / generator: reproducible sampling (``seed`` makes a private generator on the model's
-            device); neither: torch's global RNG.
+        seed / generator: reproducible sampling (``seed`` seeds a private CPU generator; each
+            step draws ``rk.sample``'s seed from it); neither: torch's global RNG.
         eos_token_id: id or ids that end a candidate; default
             ``model.generation_config.eos_token_id``, else ``tokenizer.eos_token_id``.
             ``ignore_eos=True`` never stops at EOS.
@@ -389,8 +393,9 @@ def generate_candidates(
     keep_kw = _logits_to_keep_kwarg(fparams)
     pos_ok = _takes_position_ids(fparams)
 
-    was_training = model.training
-    model.eval()
+    was_training = getattr(model, "training", None)
+    if was_training is not None:
+        model.eval()
     try:
         with torch.inference_mode():
             for chunk in chunks:
@@ -402,7 +407,8 @@ def generate_candidates(
                     keep_kw, pos_ok, compact_fraction, device, out_ids, out_lp, lengths, reasons,
                 )  # fmt: skip
     finally:
-        model.train(was_training)
+        if was_training is not None:
+            model.train(was_training)
 
     lengths = lengths.cpu()
     L = int(lengths.max()) if M else 0

@@ -1,0 +1,943 @@
+"""MaRio (Multi-rewArd RatIOnalization, Ramnath et al., ICLR 2024): the training loop and the
+``rationale-train mario`` / ``rationale-train sft`` commands.
+
+MaRio extends Quark to several rewards. The loop here:
+
+1. **Data, tokenizer, model.** The embedded default is the synthetic arithmetic task
+   (``data.synthetic_splits``: ~30 % of the silver rationales are flawed) with a tiny Llama and a
+   byte-level BPE tokenizer trained on the task text; ``--model DIR`` loads any local Hugging Face
+   causal LM, ``--dataset`` one of MaRio's datasets.
+2. **SFT warm start** on the silver rationales (target ``rationale + " So the answer is " + answer
+   + "."`` + EOS after ``question + " "``), token-mean NLL. The result is saved as
+   ``RUN/sft_model`` and is the frozen **reference**.
+3. **Rounds** ``r = 0..R-1``:
+
+   - *sample* ``samples_per_question`` rationales per training question with nucleus sampling
+     (``top_p``, ``temperature``), conditioned on the best control code of every (active) reward;
+     round 0 samples from the reference without codes and also adds every silver rationale.
+     Samples without the answer marker are dropped;
+   - *score* every new sample with every reward (the consistency scorer is the reference);
+   - *add* them to the pool (it only grows; ``RUN/pool.jsonl``, rewritten atomically) and
+     *re-quantise* the whole pool per reward into K equal-count bins (bin 0 = best; binary rewards
+     such as correctness into 2 bins by value): a sample's control code is its per-reward tokens in
+     reward order, ``<|plaus_0|><|div_3|>...``, placed in front of the question;
+   - *train* ``steps_per_round`` steps on batches drawn from the pool with
+     ``rk.fused_linear_rationale_loss``: per target token NLL + β·KL(policy‖reference) −
+     α·entropy, mean over the batch's target tokens. The reference reads the same target after the
+     question *without* codes (its target-token hidden states are gathered at its own positions);
+     KL over the original vocabulary only (``kl_vocab`` = the first control-token id).
+
+   Variants: ``classic`` (every reward's code from the start) and ``additive`` (reward i's code
+   joins after ``i * additive_every`` steps, in reward order).
+4. **Evaluation** on the test split: greedy decoding, the SFT reference without codes vs the
+   MaRio policy with the best code of every reward forced; accuracy and the mean of each reward
+   (``rationale_train.evaluate``). ``RUN/summary.md`` holds the table.
+
+Control tokens are added (``models.add_control_tokens``) to a copy of the SFT model as special
+tokens whose embeddings are drawn from the mean / std of the existing ones.
+
+Run folder: ``config.json``, ``metrics.jsonl`` (one record per step, per round, per evaluation),
+``summary.md``, ``result.json``, ``sft_model/`` (reference, HF format), ``pool.jsonl``,
+``sft/checkpoints/`` (during SFT) and ``checkpoints/`` (MaRio: safetensors weights, optimizer and
+RNG state; written atomically). ``--resume`` restarts from the latest checkpoint, truncates the
+pool and the metrics to what that checkpoint had seen, and reproduces the losses of an
+uninterrupted run: every batch order and sampling seed is derived from ``(seed, phase, round)``,
+never from a running RNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import rationale_kernels as rk
+
+from . import runs
+from .runs import progress
+
+__all__ = [
+    "MarioConfig",
+    "Pool",
+    "add_arguments",
+    "add_sft_arguments",
+    "best_code_ids",
+    "build_rewards",
+    "load_policy",
+    "load_reference",
+    "load_split",
+    "reward_context",
+    "run",
+    "run_mario",
+    "run_sft",
+    "setup_torch",
+    "train_step",
+]
+
+SFT_DIR = "sft_model"
+POOL_FILE = "pool.jsonl"
+SFT_EVAL_FILE = "sft_eval.json"
+RESULT_FILE = "result.json"
+
+
+def _f(default, help: str, **kw):
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def _fl(default, help: str, **kw):
+    return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+
+
+@dataclasses.dataclass
+class MarioConfig:
+    """Every option of a MaRio run (each is a ``--flag`` and a config-file key). The defaults are
+    the embedded run: synthetic task, tiny Llama, a few minutes on a 2-core CPU."""
+
+    # run
+    seed: int = _f(0, "seed of data, model init, batch order and sampling")
+    device: str = _f("cpu", "cpu, cuda, cuda:N or auto")
+    backend: str = _f("auto", "rationale_kernels backend: auto, native, cuda, triton, torch")
+    threads: Optional[int] = _f(None, "torch CPU threads (default: torch's choice)")
+    # data
+    dataset: str = _f("synthetic", "synthetic, or a MaRio dataset: strategyqa quarel openbookqa "
+                      "numersense qasc")  # fmt: skip
+    data_root: Optional[str] = _f(None, "data root for non-synthetic datasets")
+    data_seed: Optional[int] = _f(None, "seed of the synthetic data (default: --seed)")
+    n_train: int = _f(1000, "synthetic: training questions")
+    n_test: int = _f(200, "synthetic: test questions")
+    flawed_fraction: float = _f(0.3, "synthetic: fraction of flawed silver rationales")
+    max_train: Optional[int] = _f(None, "use at most this many training examples")
+    max_test: Optional[int] = _f(None, "evaluate at most this many test examples")
+    eval_split: str = _f("test", "split the final evaluation uses")
+    # model
+    model: Optional[str] = _f(None, "local HF causal LM dir or smollm2-135m-gguf; default: a tiny "
+                              "Llama with a tokenizer trained on the task text")  # fmt: skip
+    dtype: str = _f("float32", "model dtype")
+    vocab_size: int = _f(512, "tiny model: tokenizer vocabulary bound")
+    hidden_size: int = _f(128, "tiny model: hidden size")
+    num_layers: int = _f(4, "tiny model: layers")
+    num_heads: int = _f(4, "tiny model: attention heads")
+    max_new_tokens: int = _f(48, "longest generated target, in tokens")
+    # SFT
+    sft_epochs: float = _f(6.0, "SFT epochs over the silver rationales")
+    sft_lr: float = _f(2e-3, "SFT peak learning rate (warmup + cosine decay)")
+    sft_batch_size: int = _f(32, "SFT batch size")
+    sft_warmup: float = _f(0.05, "SFT warmup, fraction of the steps")
+    # MaRio
+    rewards: List[str] = _fl(
+        ["plausibility", "diversity", "consistency", "correctness"],
+        "rewards in control-code order (registered names)",
+    )
+    k: int = _f(5, "quantisation bins per (non-binary) reward")
+    beta: float = _f(0.1, "KL(policy || reference) coefficient")
+    alpha: float = _f(0.0, "entropy bonus coefficient")
+    rounds: int = _f(3, "MaRio rounds (sample, score, re-quantise, train)")
+    samples_per_question: int = _f(1, "rationales sampled per training question per round")
+    top_p: float = _f(0.7, "nucleus sampling top-p")
+    temperature: float = _f(1.0, "sampling temperature")
+    steps_per_round: int = _f(100, "optimizer steps per round")
+    batch_size: int = _f(32, "MaRio batch size")
+    lr: float = _f(3e-4, "MaRio learning rate (constant; the paper's 3e-5 is for T5-large)")
+    grad_clip: float = _f(1.0, "gradient-norm clip (0: off)")
+    variant: str = _f("classic", "classic: all codes from the start; additive: one reward at a "
+                      "time", choices=["classic", "additive"])  # fmt: skip
+    additive_every: int = _f(100, "additive: steps between introducing rewards")
+    add_silver: bool = _f(True, "round 0: add the silver rationales to the pool")
+    plausibility_model: Optional[str] = _f(None, "plausibility classifier dir (default: the "
+                                           "synthetic step verifier)")  # fmt: skip
+    # evaluation / bookkeeping
+    eval_each_round: bool = _f(True, "evaluate the policy after every round")
+    gen_batch_size: int = _f(256, "prompts per generation batch")
+    eval_batch_size: int = _f(200, "prompts per evaluation batch")
+    score_batch_size: int = _f(64, "rows per forward pass of model-based rewards")
+    save_every: int = _f(0, "also checkpoint every N steps (0: end of SFT and of each round)")
+    keep_last: int = _f(2, "checkpoints kept")
+
+    def __post_init__(self):
+        from .rewards import reward_spec
+
+        if self.variant not in ("classic", "additive"):
+            raise ValueError(f"variant must be classic or additive, got {self.variant!r}")
+        if isinstance(self.rewards, str):
+            self.rewards = [r.strip() for r in self.rewards.split(",") if r.strip()]
+        self.rewards = list(self.rewards)
+        if len(set(self.rewards)) != len(self.rewards):
+            raise ValueError(f"rewards repeat: {self.rewards}")
+        for name in self.rewards:
+            reward_spec(name)  # raises for unknown names
+        for name in ("k", "rounds", "steps_per_round", "batch_size", "sft_batch_size",
+                     "samples_per_question", "max_new_tokens"):  # fmt: skip
+            v = getattr(self, name)
+            lo = 0 if name in ("rounds", "steps_per_round") else 1
+            if not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        if self.additive_every < 1:
+            raise ValueError("additive_every must be >= 1")
+
+    @classmethod
+    def load(cls, run_dir) -> MarioConfig:
+        return runs.build_config(cls, file_values=runs.load_config(run_dir))
+
+
+# ------------------------------------------------------------------------------------ setup
+
+
+def _derive_seed(seed: int, *parts: Any) -> int:
+    h = hashlib.sha256(repr((int(seed),) + tuple(parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 62) - 1)
+
+
+def _generator(seed: int, *parts: Any) -> torch.Generator:
+    return torch.Generator().manual_seed(_derive_seed(seed, *parts))
+
+
+def setup_torch(cfg: MarioConfig) -> torch.device:
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def load_split(cfg: MarioConfig, split: str):
+    """The examples of ``split`` for this config (synthetic splits are regenerated from the
+    data seed; other datasets are read from ``data_root``), capped by ``max_train/max_test``."""
+    from .data import load_dataset, synthetic_splits
+
+    if cfg.dataset == "synthetic":
+        seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
+        exs = synthetic_splits(seed=seed, n_train=cfg.n_train, n_dev=0 if split != "dev" else
+                               cfg.n_test, n_test=cfg.n_test,
+                               flawed_fraction=cfg.flawed_fraction)[split]  # fmt: skip
+    else:
+        exs = load_dataset(cfg.dataset, split, cfg.data_root)
+        if split == "train":
+            exs = [e for e in exs if e.rationale]
+    cap = cfg.max_train if split == "train" else cfg.max_test
+    return exs[:cap] if cap is not None else exs
+
+
+def build_rewards(cfg: MarioConfig) -> Dict[str, Any]:
+    from .rewards import get_reward
+
+    out = {}
+    for name in cfg.rewards:
+        if name == "plausibility" and cfg.plausibility_model:
+            out[name] = get_reward(name, scorer=cfg.plausibility_model)
+        elif name == "consistency":
+            out[name] = get_reward(name, backend=cfg.backend)
+        else:
+            out[name] = get_reward(name)
+    return out
+
+
+def reward_context(cfg: MarioConfig, ref, base_tok) -> Dict[str, Any]:
+    """What every reward call gets: the frozen reference (the consistency scorer) and its
+    tokenizer."""
+    return {"ref_model": ref, "tokenizer": base_tok, "batch_size": cfg.score_batch_size}
+
+
+def _freeze(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def load_reference(run_dir, cfg: MarioConfig):
+    """``(reference, tokenizer)``: the SFT model of a run, frozen."""
+    from .models import load_model
+
+    device = setup_torch(cfg)
+    model, tok = load_model(Path(run_dir) / SFT_DIR, device=device, dtype=cfg.dtype)
+    return _freeze(model), tok
+
+
+def _control_tokens(cfg: MarioConfig) -> List[str]:
+    from .quantize import control_tokens
+
+    return control_tokens(cfg.rewards, cfg.k)
+
+
+def _fresh_policy(run_dir, cfg: MarioConfig):
+    """The SFT model with the control tokens added (deterministic from the seed)."""
+    from .models import add_control_tokens, load_model
+
+    device = setup_torch(cfg)
+    model, tok = load_model(Path(run_dir) / SFT_DIR, device=device, dtype=cfg.dtype)
+    ids = add_control_tokens(model, tok, _control_tokens(cfg), seed=_derive_seed(cfg.seed, "ctrl"))
+    return model, tok, min(ids)
+
+
+def load_policy(run_dir, cfg: MarioConfig, checkpoint=None):
+    """``(policy, tokenizer, checkpoint_path)``: the MaRio policy of a run with the weights of
+    ``checkpoint`` (default: the latest), RNG untouched. Without any MaRio checkpoint the fresh
+    policy (SFT + control tokens) is returned with ``checkpoint_path=None``."""
+    from .checkpoint import latest_checkpoint, load_checkpoint
+
+    model, tok, _ = _fresh_policy(run_dir, cfg)
+    path = checkpoint or latest_checkpoint(run_dir)
+    if path is not None:
+        path = load_checkpoint(path, model, restore_rng=False)["path"]
+    return model.eval(), tok, path
+
+
+def best_code_ids(tok, reward_names: Sequence[str], k: int) -> List[int]:
+    """Token ids of the best code (bin 0) of every reward, in order."""
+    from .quantize import control_token
+
+    return [int(tok.convert_tokens_to_ids(control_token(n, 0))) for n in reward_names]
+
+
+def _target_ids(tok, target: str) -> List[int]:
+    ids = tok(" " + target, add_special_tokens=False)["input_ids"]
+    return list(ids) + [int(tok.eos_token_id)]
+
+
+def _body(model):
+    getter = getattr(model, "get_decoder", None)
+    body = getter() if callable(getter) else None
+    if body is None:
+        body = getattr(model, model.base_model_prefix)
+    return body
+
+
+def _collate(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int, device):
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside targets)."""
+    n = max(len(p) + len(t) for p, t in rows)
+    ids = torch.full((len(rows), n), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(rows), n), dtype=torch.long)
+    labels = torch.full((len(rows), n), -100, dtype=torch.long)
+    for i, (p, t) in enumerate(rows):
+        ids[i, : len(p) + len(t)] = torch.tensor(p + t)
+        mask[i, : len(p) + len(t)] = 1
+        labels[i, len(p) : len(p) + len(t)] = torch.tensor(t)
+    return ids.to(device), mask.to(device), labels.to(device)
+
+
+def _target_hidden(model, rows, pad_id, device):
+    """Hidden states that predict each target token, ``[N, H]``, and those tokens ``[N]``
+    (row-major, so two models reading the same targets after different prompts line up)."""
+    ids, mask, labels = _collate(rows, pad_id, device)
+    hidden = _body(model)(input_ids=ids, attention_mask=mask).last_hidden_state
+    lab = labels[:, 1:]
+    keep = lab != -100
+    return hidden[:, :-1][keep], lab[keep]
+
+
+def _head(model):
+    out = model.get_output_embeddings()
+    return out.weight, getattr(out, "bias", None)
+
+
+def train_step(
+    policy,
+    optimizer,
+    policy_rows,
+    *,
+    pad_id: int,
+    ref=None,
+    ref_rows=None,
+    kl_coef: float = 0.0,
+    kl_vocab: Optional[int] = None,
+    entropy_coef: float = 0.0,
+    grad_clip: float = 0.0,
+    backend: str = "auto",
+    scheduler=None,
+) -> Dict[str, float]:
+    """One optimizer step on ``policy_rows`` (``(prompt_ids, target_ids)`` pairs) with
+    ``rk.fused_linear_rationale_loss``; ``ref_rows`` are the same targets after the reference's
+    prompts (no codes). Returns the loss and its parts (means over the target tokens)."""
+    device = next(policy.parameters()).device
+    policy.train()
+    h, y = _target_hidden(policy, policy_rows, pad_id, device)
+    w, b = _head(policy)
+    kw: Dict[str, Any] = {}
+    if ref is not None and kl_coef:
+        with torch.no_grad():
+            hr, yr = _target_hidden(ref, ref_rows, pad_id, device)
+        if not torch.equal(y, yr):
+            raise RuntimeError("policy and reference targets do not line up")
+        wr, br = _head(ref)
+        kw = dict(ref_hidden=hr, ref_weight=wr, ref_bias=br, kl_coef=float(kl_coef),
+                  kl="full", kl_vocab=kl_vocab)  # fmt: skip
+    loss, stats = rk.fused_linear_rationale_loss(
+        h, w, y, bias=b, entropy_coef=float(entropy_coef), reduction="mean", return_stats=True,
+        backend=backend, **kw,
+    )  # fmt: skip
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = None
+    if grad_clip and grad_clip > 0:
+        gnorm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip))
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    out = {"loss": float(loss.detach())}
+    for key in ("nll", "kl", "entropy"):
+        if key in stats:
+            out[key] = float(stats[key])
+    out["num_tokens"] = int(y.numel())
+    if gnorm is not None:
+        out["grad_norm"] = gnorm
+    return out
+
+
+# ------------------------------------------------------------------------------------ pool
+
+
+class Pool:
+    """The growing pool of scored rationales; one dict per sample: ``example`` (index into the
+    training examples), ``round``, ``source`` (``silver`` / ``sample``), ``rationale``,
+    ``answer``, ``rewards`` ({name: value}). Persisted as JSONL (atomic rewrite)."""
+
+    def __init__(self, records: Optional[List[Dict[str, Any]]] = None):
+        self.records: List[Dict[str, Any]] = list(records or [])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def add(self, recs: Sequence[Dict[str, Any]]) -> None:
+        self.records.extend(dict(r) for r in recs)
+
+    def truncate(self, n: int) -> None:
+        del self.records[n:]
+
+    def values(self, name: str) -> List[float]:
+        return [float(r["rewards"][name]) for r in self.records]
+
+    def quantize(self, reward_names: Sequence[str], k: int) -> Dict[str, List[int]]:
+        """Bins of every sample per reward over the whole pool (``quantize_rewards``)."""
+        from .quantize import quantize_rewards
+
+        if not self.records:
+            return {n: [] for n in reward_names}
+        bins = quantize_rewards({n: self.values(n) for n in reward_names}, k)
+        return {n: bins[n].tolist() for n in reward_names}
+
+    def save(self, path) -> None:
+        runs.write_jsonl_atomic(path, self.records)
+
+    @classmethod
+    def load(cls, path) -> Pool:
+        path = Path(path)
+        if not path.is_file():
+            return cls()
+        with open(path, encoding="utf-8") as f:
+            return cls([json.loads(line) for line in f if line.strip()])
+
+
+# ------------------------------------------------------------------------------------ SFT
+
+
+def _build_base(cfg: MarioConfig, train, device):
+    from .data import format_example_target, format_input
+    from .models import load_model, tiny_llama, train_tokenizer
+
+    if cfg.model:
+        model, tok = load_model(cfg.model, device=device, dtype=cfg.dtype)
+        return model, tok
+    texts = [format_input(e) + " " + format_example_target(e) for e in train]
+    tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)
+    model = tiny_llama(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+                       num_heads=cfg.num_heads, seed=_derive_seed(cfg.seed, "init"),
+                       dtype=cfg.dtype)  # fmt: skip
+    return model.to(device), tok
+
+
+def _sft_schedule(optimizer, total: int, warmup: float):
+    warm = max(int(round(total * warmup)), 1)
+
+    def f(step):
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(total - warm, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
+
+
+def _epoch_order(seed: int, tag: str, n: int, needed: int) -> List[int]:
+    """Concatenated shuffled epochs of ``range(n)``, at least ``needed`` long (deterministic)."""
+    order: List[int] = []
+    e = 0
+    while len(order) < needed:
+        order.extend(torch.randperm(n, generator=_generator(seed, tag, e)).tolist())
+        e += 1
+    return order
+
+
+def _sft_phase(cfg, run_dir: Path, log, device, train, test, *, stop_after_sft_step=None):
+    """SFT (resumable); saves ``RUN/sft_model`` and evaluates it. Returns False when stopped."""
+    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from .data import format_example_target
+    from .evaluate import prompt_ids
+    from .models import save_pretrained_atomic
+
+    sft_run = run_dir / "sft"
+    model, tok = _build_base(cfg, train, device)
+    total = max(int(math.ceil(cfg.sft_epochs * len(train) / cfg.sft_batch_size)), 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    sched = _sft_schedule(opt, total, cfg.sft_warmup)
+    start = 0
+    ck = latest_checkpoint(sft_run)
+    if ck is not None:
+        info = load_checkpoint(ck, model, opt, sched)
+        start = int(info["step"])
+        log.truncate(int(info["extra"]["metrics_lines"]))
+        print(f"resumed SFT at step {start}/{total}")
+    rows = [(prompt_ids(tok, e), _target_ids(tok, format_example_target(e))) for e in train]
+    order = _epoch_order(cfg.seed, "sft", len(train), total * cfg.sft_batch_size)
+    pad = tok.pad_token_id
+    bar = progress(total=total, initial=start, desc="SFT")
+    try:
+        for step in range(start, total):
+            idx = order[step * cfg.sft_batch_size : (step + 1) * cfg.sft_batch_size]
+            lr = opt.param_groups[0]["lr"]
+            st = train_step(model, opt, [rows[i] for i in idx], pad_id=pad,
+                            grad_clip=cfg.grad_clip, backend=cfg.backend,
+                            scheduler=sched)  # fmt: skip
+            log.log(phase="sft", step=step + 1, lr=lr, **st)
+            bar.update(1)
+            bar.set_postfix(loss=f"{st['loss']:.3f}")
+            done = step + 1
+            stop = stop_after_sft_step is not None and done >= stop_after_sft_step
+            if done < total and ((cfg.save_every and done % cfg.save_every == 0) or stop):
+                save_checkpoint(sft_run, done, model, opt, sched,
+                                extra={"metrics_lines": len(log)},
+                                keep_last=cfg.keep_last)  # fmt: skip
+            if stop and done < total:
+                return False
+    finally:
+        bar.close()
+    model.eval()
+    save_pretrained_atomic(model, tok, run_dir / SFT_DIR)
+    return True
+
+
+# ------------------------------------------------------------------------------------ MaRio
+
+
+def _active_rewards(cfg: MarioConfig, step: int) -> List[str]:
+    if cfg.variant == "classic":
+        return list(cfg.rewards)
+    n = min(len(cfg.rewards), 1 + step // cfg.additive_every)
+    return list(cfg.rewards[:n])
+
+
+def _sample_round(cfg, r, model, tok, code_ids, train, rewards, ctx):
+    """Sample, parse, filter (answer marker) and score; returns the new pool records."""
+    from .data import parse_target
+    from .evaluate import generate_targets
+
+    texts = generate_targets(
+        model, tok, train, code_ids, num_samples=cfg.samples_per_question,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+        seed=_derive_seed(cfg.seed, "sample", r), batch_size=cfg.gen_batch_size,
+        backend=cfg.backend, desc=f"round {r}: sample",
+    )  # fmt: skip
+    recs = []
+    for i, outs in enumerate(texts):
+        for t in outs:
+            rationale, answer = parse_target(t)
+            if answer is None:
+                continue
+            recs.append({"example": i, "round": r, "source": "sample", "rationale": rationale,
+                         "answer": answer})  # fmt: skip
+    n_sampled = sum(len(o) for o in texts)
+    return recs, n_sampled
+
+
+def _score(recs, train, rewards, ctx):
+    from .rewards import compute_rewards
+
+    if not recs:
+        return
+    exs = [train[r["example"]] for r in recs]
+    scores = compute_rewards(rewards, exs, [r["rationale"] for r in recs],
+                             [r["answer"] for r in recs], **ctx)  # fmt: skip
+    for j, r in enumerate(recs):
+        r["rewards"] = {n: scores[n][j] for n in rewards}
+
+
+def _silver_records(train):
+    recs = []
+    for i, e in enumerate(train):
+        if not e.rationale:
+            continue
+        recs.append({"example": i, "round": 0, "source": "silver", "rationale": e.rationale,
+                     "answer": e.meta.get("silver_answer", e.answer)})  # fmt: skip
+    return recs
+
+
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def run_mario(
+    cfg: MarioConfig,
+    run_dir,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after_step: Optional[int] = None,
+    stop_after_sft_step: Optional[int] = None,
+) -> Dict[str, Any]:
+    """Run (or resume) a full MaRio run in ``run_dir``; returns ``{"sft": metrics, "mario":
+    metrics, "status", "elapsed_s", "run_dir"}``. ``stop_after_step`` /
+    ``stop_after_sft_step`` checkpoint and stop early (``status="stopped"``; for tests and
+    interrupted runs)."""
+    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from .data import format_target
+    from .evaluate import evaluate, leading_special_count, prompt_ids
+
+    t_start = time.time()
+    _quiet_transformers()
+    run_dir = runs.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    if not resume:
+        runs.save_config(run_dir, cfg)
+    device = setup_torch(cfg)
+    train = load_split(cfg, "train")
+    test = load_split(cfg, cfg.eval_split)
+    if not train:
+        raise ValueError("no training examples (with rationales)")
+    log = runs.MetricsLogger(run_dir / runs.METRICS_FILE)
+    prior = _read_json(run_dir / "elapsed.json") or {}
+    elapsed_before = float(prior.get("elapsed_s", 0.0)) if resume else 0.0
+
+    def elapsed():
+        return elapsed_before + time.time() - t_start
+
+    try:
+        # ---- SFT
+        has_mario_ckpt = latest_checkpoint(run_dir) is not None
+        if not (run_dir / SFT_DIR / "config.json").is_file() and not has_mario_ckpt:
+            if not resume:
+                log.log(phase="start", n_train=len(train), n_test=len(test))
+            ok = _sft_phase(cfg, run_dir, log, device, train, test,
+                            stop_after_sft_step=stop_after_sft_step)  # fmt: skip
+            if not ok:
+                _write_json(run_dir / "elapsed.json", {"elapsed_s": elapsed()})
+                return {"status": "stopped", "run_dir": str(run_dir), "elapsed_s": elapsed()}
+        ref, base_tok = load_reference(run_dir, cfg)
+        rewards = build_rewards(cfg)
+        ctx = reward_context(cfg, ref, base_tok)
+        sft_eval = _read_json(run_dir / SFT_EVAL_FILE)
+        if sft_eval is None:
+            m, preds = evaluate(ref, base_tok, test, rewards, max_new_tokens=cfg.max_new_tokens,
+                                batch_size=cfg.eval_batch_size, backend=cfg.backend,
+                                reward_ctx=ctx, desc="eval SFT")  # fmt: skip
+            sft_eval = {"metrics": m, "predictions": preds[:50]}
+            _write_json(run_dir / SFT_EVAL_FILE, sft_eval)
+            log.log(phase="eval", model="sft", round=None, **m)
+        print("SFT:", _fmt_metrics(sft_eval["metrics"], cfg.rewards))
+
+        # ---- MaRio setup
+        policy, tok, kl_vocab = _fresh_policy(run_dir, cfg)
+        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+        pool = Pool.load(run_dir / POOL_FILE)
+        step, rnd, rstep = 0, 0, 0
+        ck = latest_checkpoint(run_dir)
+        if ck is not None:
+            info = load_checkpoint(ck, policy, opt)
+            ex = info["extra"]
+            step, rnd, rstep = int(ex["step"]), int(ex["round"]), int(ex["round_step"])
+            pool.truncate(int(ex["pool_size"]))
+            log.truncate(int(ex["metrics_lines"]))
+            if rstep >= cfg.steps_per_round:
+                rnd, rstep = rnd + 1, 0
+            print(f"resumed MaRio at round {rnd}, step {step} (pool {len(pool)})")
+        elif resume:
+            # SFT finished, MaRio never checkpointed: start MaRio from scratch
+            pool = Pool()
+            log.truncate(_sft_end_lines(run_dir))
+        pad = tok.pad_token_id
+        lead = leading_special_count(tok)
+        q_ids = [prompt_ids(base_tok, e) for e in train]
+        tgt_cache: Dict[int, List[int]] = {}
+
+        def target_of(i):
+            if i not in tgt_cache:
+                rec = pool.records[i]
+                tgt_cache[i] = _target_ids(tok, format_target(rec["rationale"], rec["answer"]))
+            return tgt_cache[i]
+
+        best_all = best_code_ids(tok, cfg.rewards, cfg.k)
+        final_metrics = None
+        for r in range(rnd, cfg.rounds):
+            # ---- sample + score + grow the pool (skipped when resuming inside round r)
+            sampled_this_round = any(rec["round"] == r for rec in pool.records)
+            if not sampled_this_round:
+                t0 = time.time()
+                if r == 0:
+                    recs, n_s = _sample_round(cfg, r, ref, base_tok, [], train, rewards, ctx)
+                    silver = _silver_records(train) if cfg.add_silver else []
+                else:
+                    code = best_code_ids(tok, _active_rewards(cfg, step), cfg.k)
+                    recs, n_s = _sample_round(cfg, r, policy, tok, code, train, rewards, ctx)
+                    silver = []
+                _score(silver + recs, train, rewards, ctx)
+                pool.add(silver + recs)
+                pool.save(run_dir / POOL_FILE)
+                rec_log = {"phase": "round", "round": r, "step": step, "sampled": n_s,
+                           "kept": len(recs), "silver": len(silver), "pool_size": len(pool),
+                           "seconds": round(time.time() - t0, 2)}  # fmt: skip
+                for n in cfg.rewards:
+                    rec_log[f"new_{n}"] = _mean(x["rewards"][n] for x in recs)
+                    rec_log[f"pool_{n}"] = _mean(pool.values(n))
+                log.log(rec_log)
+                print(
+                    f"round {r}: kept {len(recs)}/{n_s} samples, pool {len(pool)}; new: "
+                    + ", ".join(f"{n}={rec_log[f'new_{n}'] or 0:.3f}" for n in cfg.rewards)
+                )
+            if not pool.records:
+                raise RuntimeError(f"round {r}: the pool is empty (no sample had an answer)")
+            bins = pool.quantize(cfg.rewards, cfg.k)
+            ctrl = {n: [int(tok.convert_tokens_to_ids(t)) for t in _tokens_of(n, cfg.k)]
+                    for n in cfg.rewards}  # fmt: skip
+            order = _epoch_order(cfg.seed, f"round{r}", len(pool),
+                                 cfg.steps_per_round * cfg.batch_size)  # fmt: skip
+
+            # ---- train
+            bar = progress(total=cfg.steps_per_round, initial=rstep, desc=f"round {r}: train")
+            try:
+                for s in range(rstep, cfg.steps_per_round):
+                    active = _active_rewards(cfg, step)
+                    idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+                    prow, rrow = [], []
+                    for i in idx:
+                        e = pool.records[i]["example"]
+                        code = [ctrl[n][bins[n][i]] for n in active]
+                        q = q_ids[e]
+                        prow.append((q[:lead] + code + q[lead:], target_of(i)))
+                        rrow.append((q, target_of(i)))
+                    st = train_step(policy, opt, prow, pad_id=pad, ref=ref, ref_rows=rrow,
+                                    kl_coef=cfg.beta, kl_vocab=kl_vocab, entropy_coef=cfg.alpha,
+                                    grad_clip=cfg.grad_clip, backend=cfg.backend)  # fmt: skip
+                    step += 1
+                    log.log(phase="mario", step=step, round=r, active=len(active), **st)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{st['loss']:.3f}", kl=f"{st.get('kl', 0):.3f}")
+                    stop = stop_after_step is not None and step >= stop_after_step
+                    last = s + 1 == cfg.steps_per_round
+                    if not last and ((cfg.save_every and step % cfg.save_every == 0) or stop):
+                        _save(save_checkpoint, run_dir, step, policy, opt, cfg, r, s + 1, pool,
+                              log)  # fmt: skip
+                    if stop and not last:
+                        _write_json(run_dir / "elapsed.json", {"elapsed_s": elapsed()})
+                        return {"status": "stopped", "run_dir": str(run_dir),
+                                "elapsed_s": elapsed()}  # fmt: skip
+            finally:
+                bar.close()
+            rstep = 0
+            if cfg.eval_each_round or r == cfg.rounds - 1:
+                m, preds = evaluate(policy, tok, test, rewards, code_ids=best_all,
+                                    max_new_tokens=cfg.max_new_tokens,
+                                    batch_size=cfg.eval_batch_size, backend=cfg.backend,
+                                    reward_ctx=ctx, desc=f"round {r}: eval")  # fmt: skip
+                log.log(phase="eval", model="mario", round=r, step=step, **m)
+                print(f"round {r} MaRio:", _fmt_metrics(m, cfg.rewards))
+                if r == cfg.rounds - 1:
+                    final_metrics = {"metrics": m, "predictions": preds[:50]}
+            _save(save_checkpoint, run_dir, step, policy, opt, cfg, r, cfg.steps_per_round, pool,
+                  log)  # fmt: skip
+            if stop_after_step is not None and step >= stop_after_step and r + 1 < cfg.rounds:
+                _write_json(run_dir / "elapsed.json", {"elapsed_s": elapsed()})
+                return {"status": "stopped", "run_dir": str(run_dir), "elapsed_s": elapsed()}
+
+        # ---- final evaluation (when resumed after the last round; none with zero rounds)
+        if final_metrics is None and cfg.rounds > 0:
+            prev = _read_json(run_dir / RESULT_FILE)
+            if prev and prev.get("mario") and cfg.rounds > 0:
+                final_metrics = {"metrics": prev["mario"]}
+            else:
+                m, preds = evaluate(policy, tok, test, rewards, code_ids=best_all,
+                                    max_new_tokens=cfg.max_new_tokens,
+                                    batch_size=cfg.eval_batch_size, backend=cfg.backend,
+                                    reward_ctx=ctx, desc="eval MaRio")  # fmt: skip
+                log.log(phase="eval", model="mario", round=cfg.rounds - 1, step=step, **m)
+                final_metrics = {"metrics": m, "predictions": preds[:50]}
+        total_s = elapsed()
+        _write_json(run_dir / "elapsed.json", {"elapsed_s": total_s})
+        result = {"status": "done", "run_dir": str(run_dir), "elapsed_s": round(total_s, 1),
+                  "sft": sft_eval["metrics"],
+                  "mario": final_metrics["metrics"] if final_metrics else None,
+                  "pool_size": len(pool), "steps": step}  # fmt: skip
+        _write_json(run_dir / RESULT_FILE, result)
+        _write_summary(run_dir, cfg, result, runs.read_metrics(run_dir))
+        log.log(phase="done", elapsed_s=round(total_s, 1))
+        print(f"done in {total_s:.0f} s; summary: {run_dir / runs.SUMMARY_FILE}")
+        return result
+    finally:
+        log.close()
+
+
+def _quiet_transformers() -> None:
+    try:  # transformers' own bars (loading / writing shards) drown ours
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # pragma: no cover
+        pass
+
+
+def _tokens_of(name: str, k: int) -> List[str]:
+    from .quantize import control_tokens
+
+    return control_tokens([name], k)
+
+
+def _sft_end_lines(run_dir: Path) -> int:
+    rows = runs.read_metrics(run_dir)
+    n = 0
+    for i, r in enumerate(rows):
+        if r.get("phase") in ("start", "sft") or (r.get("phase") == "eval" and
+                                                  r.get("model") == "sft"):  # fmt: skip
+            n = i + 1
+    return n
+
+
+def _save(save_checkpoint, run_dir, step, policy, opt, cfg, r, rstep, pool, log):
+    save_checkpoint(run_dir, step, policy, opt,
+                    extra={"phase": "mario", "step": step, "round": r, "round_step": rstep,
+                           "pool_size": len(pool), "metrics_lines": len(log)},
+                    keep_last=cfg.keep_last)  # fmt: skip
+
+
+def _read_json(path: Path):
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _write_json(path: Path, obj) -> None:
+    from .evaluate import _finite
+
+    runs.write_text_atomic(path, json.dumps(_finite(obj), indent=1) + "\n")
+
+
+def _fmt_metrics(m: Dict[str, Any], names: Sequence[str]) -> str:
+    keys = ["accuracy", *names]
+    return ", ".join(f"{k}={m[k]:.4f}" for k in keys if isinstance(m.get(k), (int, float)))
+
+
+def _write_summary(run_dir: Path, cfg: MarioConfig, result: Dict[str, Any], metrics) -> None:
+    from .evaluate import summary_row
+
+    rows = [summary_row("SFT (reference, no codes)", result["sft"], cfg.rewards)]
+    if result.get("mario"):
+        rows.append(summary_row("MaRio (best codes)", result["mario"], cfg.rewards))
+        delta = {"model": "Δ (MaRio − SFT)"}
+        for key in ["accuracy", "answered", *cfg.rewards]:
+            a, b = result["mario"].get(key), result["sft"].get(key)
+            if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+                delta[key] = a - b
+        rows.append(delta)
+    sections = [(f"Test split ({cfg.eval_split}): SFT vs MaRio", runs.markdown_table(rows))]
+    per_round = [summary_row(f"round {r['round']}", r, cfg.rewards) for r in metrics
+                 if r.get("phase") == "eval" and r.get("model") == "mario"]  # fmt: skip
+    if per_round:
+        sections.append(("MaRio after each round", runs.markdown_table(per_round)))
+    pool_rows = [{k: r.get(k) for k in ("round", "sampled", "kept", "silver", "pool_size")}
+                 | {n: r.get(f"new_{n}") for n in cfg.rewards}
+                 for r in metrics if r.get("phase") == "round"]  # fmt: skip
+    if pool_rows:
+        sections.append(("Pool (mean reward of each round's new samples)",
+                         runs.markdown_table(pool_rows)))  # fmt: skip
+    keys = ["dataset", "model", "rewards", "variant", "k", "beta", "alpha", "rounds",
+            "steps_per_round", "batch_size", "lr", "samples_per_question", "top_p",
+            "temperature", "sft_epochs", "seed"]  # fmt: skip
+    cfg_d = dataclasses.asdict(cfg)
+    lines = [f"- `{k}`: {cfg_d[k]!r}" for k in keys]
+    lines.append(f"- wall time: {result['elapsed_s']:.0f} s; MaRio steps: {result['steps']}; "
+                 f"pool: {result['pool_size']} samples")  # fmt: skip
+    sections.append(("Run", "\n".join(lines)))
+    runs.write_summary(run_dir, "MaRio run", sections)
+
+
+# ------------------------------------------------------------------------------------ CLI
+
+
+def _common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument(
+        "--run-dir", default=None, help=f"run folder (default: runs/{command}-<time>)"
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir from its latest checkpoint",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="empty a non-empty --run-dir and start over"
+    )
+    parser.add_argument("--stop-after-step", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--stop-after-sft-step", type=int, default=None, help=argparse.SUPPRESS)
+    runs.add_dataclass_arguments(parser, MarioConfig)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of ``rationale-train mario``: one per :class:`MarioConfig` field, plus the run
+    folder options."""
+    _common_arguments(parser, "mario")
+
+
+def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
+    """``rationale-train sft``: the same options; runs the SFT warm start and its evaluation
+    only (``--rounds 0``)."""
+    _common_arguments(parser, "sft")
+
+
+def config_from_args(args: argparse.Namespace) -> MarioConfig:
+    file_values = getattr(args, "config_values", None)
+    if args.resume and args.run_dir:
+        base = MarioConfig.load(args.run_dir)
+        explicit = {f.name for f in dataclasses.fields(MarioConfig) if hasattr(args, f.name)}
+        if explicit or file_values:
+            print(f"--resume: overriding {sorted(explicit | set(file_values or {}))} of the saved "
+                  "config")  # fmt: skip
+        return runs.build_config(MarioConfig, args, file_values, base=base)
+    return runs.build_config(MarioConfig, args, file_values)
+
+
+def _resolve_run_dir(args, command: str) -> Path:
+    if args.run_dir:
+        return Path(args.run_dir)
+    if args.resume:
+        found = sorted(Path("runs").glob(f"{command}-*"))
+        if not found:
+            raise SystemExit("--resume needs --run-dir (no runs/ folder found)")
+        print(f"--resume: continuing {found[-1]}")
+        return found[-1]
+    return runs.default_run_dir(command)
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
+    """``rationale-train mario``."""
+    run_dir = _resolve_run_dir(args, "mario")
+    args.run_dir = str(run_dir)
+    cfg = config_from_args(args)
+    if args.resume:
+        runs.save_config(run_dir, cfg)
+    return run_mario(cfg, run_dir, resume=args.resume, overwrite=args.overwrite,
+                     stop_after_step=args.stop_after_step,
+                     stop_after_sft_step=args.stop_after_sft_step)  # fmt: skip
+
+
+def run_sft(args: argparse.Namespace) -> Dict[str, Any]:
+    """``rationale-train sft``: SFT + evaluation of the SFT model (no MaRio rounds)."""
+    run_dir = _resolve_run_dir(args, "sft")
+    args.run_dir = str(run_dir)
+    cfg = config_from_args(args)
+    cfg.rounds = 0
+    if args.resume:
+        runs.save_config(run_dir, cfg)
+    return run_mario(cfg, run_dir, resume=args.resume, overwrite=args.overwrite,
+                     stop_after_sft_step=args.stop_after_sft_step)  # fmt: skip

@@ -9,12 +9,15 @@ Shape: P=32 prompts of 16-64 tokens, N=8 candidates, 32 new tokens, temperature 
 top_p 0.9; Llama hidden 256, 4 layers, 4 heads, vocab 32000, fp32 on CPU (hidden 1024, 8 layers,
 bf16 on GPU). Override with RK_BENCH_GEN="P,N,new_tokens". EOS is off on both sides (our
 ``ignore_eos``; HF with no eos_token_id), so both generate exactly P·N·new_tokens tokens.
-extra_info: tokens_per_s (generated tokens / median time).
+extra_info: tokens_per_s (generated tokens / median wall time) and tokens_per_cpu_s (/ median
+process CPU time: less sensitive to other jobs on a shared machine; on CPU it sums all threads).
 """
 
 from __future__ import annotations
 
 import os
+import statistics
+import time
 
 import pytest
 import torch
@@ -135,13 +138,18 @@ def test_generate(benchmark, setup, provider):
         f"{str(DTYPE).replace('torch.', '')}"
     )
     seeds = iter(range(1000))
+    cpu = []
 
     def step():
+        t = time.process_time()
         fn(model, tok, prompts, next(seeds))
         _sync()
+        cpu.append(time.process_time() - t)
 
     benchmark.pedantic(step, rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    cpu_s = statistics.median(cpu[1:])  # without the warm-up round
     benchmark.extra_info.update(
         device=_device_name(), P=P, N=N, new_tokens=NEW,
         tokens_per_s=round(P * N * NEW / benchmark.stats.stats.median, 1),
+        cpu_s=round(cpu_s, 3), tokens_per_cpu_s=round(P * N * NEW / cpu_s, 1),
     )  # fmt: skip

@@ -229,6 +229,10 @@ def test_seed_reproduces(model, tok):
     c = generate_candidates(model, tok, PROMPTS, 4, 10, seed=8, **kw)
     assert torch.equal(a.token_ids, b.token_ids) and torch.equal(a.logprobs, b.logprobs)
     assert not torch.equal(a.token_ids, c.token_ids)
+    nolp = generate_candidates(model, tok, PROMPTS, 4, 10, seed=7, return_logprobs=False, **kw)
+    assert nolp.logprobs is None and torch.equal(nolp.token_ids, a.token_ids)
+    with pytest.raises(ValueError, match="return_logprobs"):
+        nolp.sequence_logprobs()
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     d = generate_candidates(model, tok, PROMPTS, 4, 10, generator=g1, **kw)
     e = generate_candidates(model, tok, PROMPTS, 4, 10, generator=g2, **kw)
@@ -243,6 +247,10 @@ def test_filters_respected(model, tok):
     k1 = generate_candidates(model, tok, PROMPTS, 2, 16, top_k=1, seed=0, ignore_eos=True)
     assert torch.equal(k1.token_ids[::2], g.token_ids)
     assert torch.equal(k1.token_ids[1::2], g.token_ids)
+    m1 = generate_candidates(model, tok, PROMPTS, 2, 16, min_p=1.0, seed=0, ignore_eos=True)
+    assert torch.equal(m1.token_ids[::2], g.token_ids)
+    tp = generate_candidates(model, tok, PROMPTS, 2, 16, top_p=1e-6, seed=0, ignore_eos=True)
+    assert torch.equal(tp.token_ids[1::2], g.token_ids)
     temps = torch.tensor([0.0, 1.0, 0.0, 1.0])
     c = generate_candidates(model, tok, PROMPTS, 2, 16, temperature=temps, seed=0, ignore_eos=True)
     for p in (0, 2):

@@ -25,7 +25,12 @@ How it works (and the decisions behind it):
 - A tokenizer without a pad token pads with its EOS token (pad positions are masked, so the id only
   matters for the padded ``token_ids`` output); without either, pad id 0 is used.
 - ``seed`` seeds a private ``torch.Generator`` that every step draws from, so the same seed, inputs,
-  backend and batching give the same candidates (the global RNG is left alone).
+  backend, ``batch_size`` and ``compact_fraction`` give the same candidates (the global RNG is left
+  alone). Greedy decoding (temperature 0) does not depend on batching.
+- Public transformers APIs only (``model(...)`` outputs, the cache's batch methods, legacy tuple
+  caches, ``generation_config``); tested with transformers 4.46, 4.57 and 5.x. Models whose forward
+  takes no position ids (ALiBi: BLOOM) get none. A model that makes a fixed-size cache for its
+  prompt (Gemma-2 before transformers 4.47) is refused with a clear error.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ How it works (and the decisions behind it):
 - Public transformers APIs only (``model(...)`` outputs, the cache's batch methods, legacy tuple
   caches, ``generation_config``); tested with transformers 4.46, 4.57 and 5.x. Models whose forward
   takes no position ids (ALiBi: BLOOM) get none. A model that makes a fixed-size cache for its
-  prompt (Gemma-2 before transformers 4.47) is refused with a clear error.
+  prompt (Gemma-2 under transformers 4.46; 4.57 is fine) is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -548,7 +548,7 @@ def _decode_chunk(
 
 def _check_cache_capacity(model, cache, need: int) -> None:
     """A fixed-size cache that the model made for the prompt alone (e.g. Gemma-2's HybridCache
-    with transformers < 4.47) cannot take the generated tokens: say so instead of failing deep
+    under transformers 4.46) cannot take the generated tokens: say so instead of failing deep
     inside the model."""
     cap = getattr(cache, "max_cache_len", None)
     if isinstance(cap, int) and cap < need:

@@ -18,6 +18,16 @@ PROMPTS = ["hello", "a much longer prompt, with words", "x", "what is 2+3? "]
 EOS = 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The models are tiny: thread synchronisation is all that 2 threads add, and on a busy
+    machine it made single calls 100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return tiny.tiny_tokenizer()
@@ -38,8 +48,8 @@ def hf_greedy(model, tok, prompts, max_new_tokens, eos_token_id):
     assert tok.padding_side == "left"
     with torch.no_grad():
         out = model.generate(
-            **enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
-            pad_token_id=tok.pad_token_id,
+            input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], do_sample=False,
+            max_new_tokens=max_new_tokens, eos_token_id=eos_token_id, pad_token_id=tok.pad_token_id,
         )  # fmt: skip
     rows = []
     for r in out[:, enc["input_ids"].shape[1] :].tolist():
@@ -70,6 +80,12 @@ def test_greedy_matches_hf_other_architectures(tok, arch):
     forward takes no position ids, sliding-window layers with prompts longer than the window."""
     m = tiny.tiny_other(arch, len(tok))
     prompts = PROMPTS + ["abcdefghijklmnopqrst"]
+    with torch.no_grad():
+        cache = m(input_ids=torch.tensor([[1, 4, 5]]), use_cache=True).past_key_values
+    if getattr(cache, "max_cache_len", None) is not None:  # old transformers' Gemma-2
+        with pytest.raises(NotImplementedError, match="growing cache"):
+            greedy(m, tok, prompts=prompts, max_new_tokens=14)
+        return
     ours = greedy(m, tok, prompts=prompts, max_new_tokens=14, eos_token_id=EOS)
     ref = hf_greedy(m, tok, prompts, 14, EOS)
     assert [ours.tokens(r) for r in range(len(prompts))] == ref
@@ -213,6 +229,10 @@ def test_seed_reproduces(model, tok):
     c = generate_candidates(model, tok, PROMPTS, 4, 10, seed=8, **kw)
     assert torch.equal(a.token_ids, b.token_ids) and torch.equal(a.logprobs, b.logprobs)
     assert not torch.equal(a.token_ids, c.token_ids)
+    nolp = generate_candidates(model, tok, PROMPTS, 4, 10, seed=7, return_logprobs=False, **kw)
+    assert nolp.logprobs is None and torch.equal(nolp.token_ids, a.token_ids)
+    with pytest.raises(ValueError, match="return_logprobs"):
+        nolp.sequence_logprobs()
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     d = generate_candidates(model, tok, PROMPTS, 4, 10, generator=g1, **kw)
     e = generate_candidates(model, tok, PROMPTS, 4, 10, generator=g2, **kw)
@@ -227,6 +247,10 @@ def test_filters_respected(model, tok):
     k1 = generate_candidates(model, tok, PROMPTS, 2, 16, top_k=1, seed=0, ignore_eos=True)
     assert torch.equal(k1.token_ids[::2], g.token_ids)
     assert torch.equal(k1.token_ids[1::2], g.token_ids)
+    m1 = generate_candidates(model, tok, PROMPTS, 2, 16, min_p=1.0, seed=0, ignore_eos=True)
+    assert torch.equal(m1.token_ids[::2], g.token_ids)
+    tp = generate_candidates(model, tok, PROMPTS, 2, 16, top_p=1e-6, seed=0, ignore_eos=True)
+    assert torch.equal(tp.token_ids[1::2], g.token_ids)
     temps = torch.tensor([0.0, 1.0, 0.0, 1.0])
     c = generate_candidates(model, tok, PROMPTS, 2, 16, temperature=temps, seed=0, ignore_eos=True)
     for p in (0, 2):

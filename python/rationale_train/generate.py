@@ -25,7 +25,12 @@ How it works (and the decisions behind it):
 - A tokenizer without a pad token pads with its EOS token (pad positions are masked, so the id only
   matters for the padded ``token_ids`` output); without either, pad id 0 is used.
 - ``seed`` seeds a private ``torch.Generator`` that every step draws from, so the same seed, inputs,
-  backend and batching give the same candidates (the global RNG is left alone).
+  backend, ``batch_size`` and ``compact_fraction`` give the same candidates (the global RNG is left
+  alone). Greedy decoding (temperature 0) does not depend on batching.
+- Public transformers APIs only (``model(...)`` outputs, the cache's batch methods, legacy tuple
+  caches, ``generation_config``); tested with transformers 4.46, 4.57 and 5.x. Models whose forward
+  takes no position ids (ALiBi: BLOOM) get none. A model that makes a fixed-size cache for its
+  prompt (Gemma-2 under transformers 4.46; 4.57 is fine) is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -136,11 +141,14 @@ def _logits_to_keep_kwarg(params) -> Dict[str, int]:
     return {}
 
 
-def _takes_position_ids(params) -> bool:
-    """Models without position ids (ALiBi: BLOOM, MPT) derive positions from the mask themselves;
-    a forward hidden behind ``**kwargs`` (wrappers) is given them."""
+def _takes_position_ids(model, params) -> bool:
+    """Models without position ids (ALiBi: BLOOM, MPT) derive positions from the mask themselves.
+    A Hugging Face model takes them iff its forward names them (its ``**kwargs`` are for other
+    things); a wrapper whose forward is ``(*args, **kwargs)`` (e.g. PEFT) is given them."""
     if not params or "position_ids" in params:
         return True
+    if any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__):
+        return False
     return any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
@@ -391,7 +399,7 @@ def generate_candidates(
     sample = _sampler()
     fparams = _forward_params(model)
     keep_kw = _logits_to_keep_kwarg(fparams)
-    pos_ok = _takes_position_ids(fparams)
+    pos_ok = _takes_position_ids(model, fparams)
 
     was_training = getattr(model, "training", None)
     if was_training is not None:
@@ -466,6 +474,7 @@ def _decode_chunk(
     extra = dict(keep_kw, position_ids=pos) if pos_ok else keep_kw
     out = model(input_ids=input_ids, attention_mask=mask, use_cache=True, **extra)
     cache = _check_output(model, out)
+    _check_cache_capacity(model, cache, T + width)
     res = sample(
         out.logits[:, -1, :], num_samples=N, generator=generator,
         return_logprobs=return_logprobs, backend=backend, **prompt_params,
@@ -535,6 +544,19 @@ def _decode_chunk(
         )  # fmt: skip
         del out
         tok, lp = res if return_logprobs else (res, None)
+
+
+def _check_cache_capacity(model, cache, need: int) -> None:
+    """A fixed-size cache that the model made for the prompt alone (e.g. Gemma-2's HybridCache
+    under transformers 4.46) cannot take the generated tokens: say so instead of failing deep
+    inside the model."""
+    cap = getattr(cache, "max_cache_len", None)
+    if isinstance(cap, int) and cap < need:
+        raise NotImplementedError(
+            f"{type(model).__name__} returned a fixed-size {type(cache).__name__} of {cap} "
+            f"positions for its prompt; generating needs {need}. generate_candidates needs a "
+            "growing cache (DynamicCache): use a newer transformers for this model family"
+        )
 
 
 def _check_output(model, out):

@@ -364,7 +364,7 @@ def choice_logprobs(
     device = _model_device(model)
     params = _forward_params(model)
     keep_name = next((k for k in ("logits_to_keep", "num_logits_to_keep") if k in params), None)
-    pos_ok = _takes_position_ids(params)
+    pos_ok = _takes_position_ids(model, params)
     pad_id = getattr(tokenizer, "pad_token_id", None)
     if pad_id is None:
         pad_id = getattr(tokenizer, "eos_token_id", None)

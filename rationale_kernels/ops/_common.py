@@ -97,3 +97,31 @@ def _check_linear(name_h, h, name_w, w, name_b, b, lead=None):
             raise ValueError(f"{name_b} must be [{w.shape[0]}] of dtype {w.dtype}")
     if w.device != h.device:
         raise ValueError(f"{name_w} is on {w.device} but {name_h} is on {h.device}")
+
+
+def _linear_grad_buffers(weight: Tensor, need_gw: bool, need_gb: bool):
+    """Zeroed grad_weight / grad_bias accumulators (None when not needed). They sum over every
+    chunk, so they are float32 for low-precision weights (float64 for float64)."""
+    acc = _acc_dtype(weight.dtype)
+    gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_gw else None
+    gb = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_gb else None
+    return gw, gb
+
+
+def _accumulate_linear_grads(g_logits: Tensor, h: Tensor, gw, gb) -> None:
+    """gw += g_logits^T h and gb += column sums of g_logits, for one chunk of rows."""
+    if gw is not None:
+        if gw.dtype == h.dtype:
+            gw.addmm_(g_logits.t(), h)
+        else:
+            gw += torch.mm(g_logits.t(), h)
+    if gb is not None:
+        gb += g_logits.sum(0, dtype=gb.dtype)
+
+
+def _linear_grads_out(weight: Tensor, gw, gb):
+    """The accumulators cast back to the weight's dtype (empty tensors for grads not asked for,
+    as the custom ops return them)."""
+    gw = gw.to(weight.dtype) if gw is not None else weight.new_empty(0)
+    gb = gb.to(weight.dtype) if gb is not None else weight.new_empty(0)
+    return gw, gb

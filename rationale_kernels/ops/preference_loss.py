@@ -25,12 +25,15 @@ from ..reference.sequence_logprobs import segment_sums
 from . import sequence_logprobs as _seq
 from ._common import (
     _acc_dtype,
+    _accumulate_linear_grads,
     _check_device,
     _check_label_range,
     _check_labels,
     _check_linear,
     _default_chunk,
     _fake_grads,
+    _linear_grad_buffers,
+    _linear_grads_out,
 )
 from .sequence_logprobs import _check_cu_seqlens, fused_linear_sequence_logprobs
 
@@ -300,8 +303,7 @@ def _dpo_one_pass(backend, hidden, weight, bias, labels, cu, ref_logps, pairs, b
     logps = torch.zeros(C, dtype=acc, device=dev)
     total = torch.zeros((), dtype=acc, device=dev)
     gh = torch.zeros_like(hidden) if need_gh else hidden.new_empty(0)
-    gw = torch.zeros(weight.shape, dtype=acc, device=dev) if need_gw else None
-    gb = torch.zeros(weight.shape[0], dtype=acc, device=dev) if need_gb else None
+    gw, gb = _linear_grad_buffers(weight, need_gw, need_gb)
     ref = ref_logps.to(acc)
     for k, cands in enumerate(chunks):
         klens = torch.tensor([lens[c] for c in cands])
@@ -331,16 +333,8 @@ def _dpo_one_pass(backend, hidden, weight, bias, labels, cu, ref_logps, pairs, b
         _seq._launch_bwd(backend, z3, y2, lse.view(-1), w_tok, ignore_index, z)
         if need_gh:
             gh.index_copy_(0, rows, z @ weight)
-        if need_gw:
-            if gw.dtype == dt:
-                gw.addmm_(z.t(), h)
-            else:
-                gw += torch.mm(z.t(), h)
-        if need_gb:
-            gb += z.sum(0, dtype=acc)
-    gw = gw.to(weight.dtype) if need_gw else weight.new_empty(0)
-    gb = gb.to(weight.dtype) if need_gb else weight.new_empty(0)
-    return total, logps, gh, gw, gb
+        _accumulate_linear_grads(z, h, gw, gb)
+    return (total, logps, gh) + _linear_grads_out(weight, gw, gb)
 
 
 @torch.library.custom_op("rationale_kernels::fused_linear_dpo_loss", mutates_args=())

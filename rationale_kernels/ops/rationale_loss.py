@@ -26,6 +26,7 @@ from ..reference import rationale_loss as ref_impl
 from ._common import (
     _DTYPE_CODES,
     _acc_dtype,
+    _accumulate_linear_grads,
     _check_device,
     _check_float,
     _check_label_range,
@@ -33,6 +34,8 @@ from ._common import (
     _check_linear,
     _default_chunk,
     _fake_grads,
+    _linear_grad_buffers,
+    _linear_grads_out,
 )
 
 _KL_MODES = {"none": 0, "full": 1, "k1": 2, "k3": 3}
@@ -378,9 +381,7 @@ def _fused_chunks(
     terms = torch.empty((N, 4), dtype=acc, device=hidden.device)
     need_any = need_gh or need_gw or need_gb
     gh = torch.empty_like(hidden) if need_gh else hidden.new_empty(0)
-    # grad_weight sums over every chunk: accumulate in fp32 for low-precision weights
-    gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_gw else None
-    gb = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_gb else None
+    gw, gb = _linear_grad_buffers(weight, need_gw, need_gb)
     for i0 in range(0, N, chunk_size):
         i1 = min(N, i0 + chunk_size)
         h = hidden[i0:i1]
@@ -397,16 +398,8 @@ def _fused_chunks(
         del ref
         if need_gh:
             torch.mm(logits, weight, out=gh[i0:i1])
-        if need_gw:
-            if gw.dtype == dt:
-                gw.addmm_(logits.t(), h)
-            else:
-                gw += torch.mm(logits.t(), h)
-        if need_gb:
-            gb += logits.sum(0, dtype=acc)
-    gw = gw.to(weight.dtype) if need_gw else weight.new_empty(0)
-    gb = gb.to(bias.dtype) if need_gb else weight.new_empty(0)
-    return terms, gh, gw, gb
+        _accumulate_linear_grads(logits, h, gw, gb)
+    return (terms, gh) + _linear_grads_out(weight, gw, gb)
 
 
 @torch.library.custom_op("rationale_kernels::fused_linear_rationale_loss", mutates_args=())

@@ -26,6 +26,7 @@ from ..reference import sequence_logprobs as ref_impl
 from ._common import (
     _DTYPE_CODES,
     _acc_dtype,
+    _accumulate_linear_grads,
     _check_device,
     _check_float,
     _check_label_range,
@@ -33,6 +34,8 @@ from ._common import (
     _check_linear,
     _default_chunk,
     _fake_grads,
+    _linear_grad_buffers,
+    _linear_grads_out,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -266,15 +269,13 @@ def _fused_bwd_chunks(backend, hidden, weight, bias, labels, lse, w, ignore_inde
     w * (onehot - softmax) in place and accumulates grad_hidden / grad_weight / grad_bias."""
     N, H = hidden.shape
     dt = hidden.dtype
-    acc = _acc_dtype(dt)
     active = (w != 0) & (labels != ignore_index)
     rows = None if bool(active.all()) else active.nonzero().squeeze(1)
     if rows is not None:  # only these rows have a nonzero gradient
         hidden, labels, lse, w = hidden[rows], labels[rows], lse[rows], w[rows]
     n = hidden.shape[0]
     gh = torch.empty((n, H), dtype=dt, device=hidden.device) if need_gh else None
-    gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_gw else None
-    gb = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_gb else None
+    gw, gb = _linear_grad_buffers(weight, need_gw, need_gb)
     for i0 in range(0, n, chunk_size):
         i1 = min(n, i0 + chunk_size)
         h = hidden[i0:i1]
@@ -283,20 +284,12 @@ def _fused_bwd_chunks(backend, hidden, weight, bias, labels, lse, w, ignore_inde
                     ignore_index, z)  # fmt: skip
         if need_gh:
             torch.mm(z, weight, out=gh[i0:i1])
-        if need_gw:
-            if gw.dtype == dt:
-                gw.addmm_(z.t(), h)
-            else:
-                gw += torch.mm(z.t(), h)
-        if need_gb:
-            gb += z.sum(0, dtype=acc)
+        _accumulate_linear_grads(z, h, gw, gb)
     if not need_gh:
         gh = hidden.new_empty(0)
     elif rows is not None:
         gh = torch.zeros((N, H), dtype=dt, device=hidden.device).index_copy_(0, rows, gh)
-    gw = gw.to(weight.dtype) if need_gw else weight.new_empty(0)
-    gb = gb.to(weight.dtype) if need_gb else weight.new_empty(0)
-    return gh, gw, gb
+    return (gh,) + _linear_grads_out(weight, gw, gb)
 
 
 @torch.library.custom_op("rationale_kernels::fused_linear_token_logprobs", mutates_args=())

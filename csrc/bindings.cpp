@@ -95,6 +95,20 @@ rk::SampleArgs make_sample_args(int64_t b, int64_t v, std::uintptr_t logits, int
   return a;
 }
 
+#ifdef RK_WITH_CUDA
+// Runs a CUDA entry point (a callable returning its error message or nullptr) without the GIL;
+// a message becomes RuntimeError("<op> cuda: <message>").
+template <typename F>
+void call_cuda(const char* op, F&& launch) {
+  const char* err = nullptr;
+  {
+    py::gil_scoped_release release;
+    err = launch();
+  }
+  if (err != nullptr) throw std::runtime_error(std::string(op) + " cuda: " + err);
+}
+#endif
+
 py::dict build_info() {
   py::dict d;
   d["cpu"] = true;
@@ -186,13 +200,10 @@ PYBIND11_MODULE(_C, m) {
             make_args(n, v, logits, logits_ld, labels, weights, ref_logits, ref_ld, ref_logprobs,
                       kl_mode, kl_vocab, kl_coef, entropy_coef, ignore_index, row_scale, grad,
                       grad_ld, terms, 0);
-        const char* err = nullptr;
-        {
-          py::gil_scoped_release release;
-          err = rk::rationale_loss_rows_cuda(static_cast<rk::DType>(dtype), a,
-                                             reinterpret_cast<void*>(stream));
-        }
-        if (err != nullptr) throw std::runtime_error(std::string("rationale_loss cuda: ") + err);
+        call_cuda("rationale_loss", [&] {
+          return rk::rationale_loss_rows_cuda(static_cast<rk::DType>(dtype), a,
+                                              reinterpret_cast<void*>(stream));
+        });
       });
   m.def(
       "token_logprobs_fwd_cuda",
@@ -201,14 +212,10 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t lse, std::uintptr_t stream) {
         const rk::TokenRowsArgs a =
             token_args(b, t, v, logits, stride_b, stride_t, labels, ignore_index, 0);
-        const char* err = nullptr;
-        {
-          py::gil_scoped_release release;
-          err = rk::token_logprobs_fwd_cuda(static_cast<rk::DType>(dtype), a, ptr<void*>(logp),
-                                            ptr<void*>(lse), reinterpret_cast<void*>(stream));
-        }
-        if (err != nullptr)
-          throw std::runtime_error(std::string("token_logprobs_fwd cuda: ") + err);
+        call_cuda("token_logprobs_fwd", [&] {
+          return rk::token_logprobs_fwd_cuda(static_cast<rk::DType>(dtype), a, ptr<void*>(logp),
+                                             ptr<void*>(lse), reinterpret_cast<void*>(stream));
+        });
       });
   m.def(
       "token_logprobs_bwd_cuda",
@@ -217,15 +224,12 @@ PYBIND11_MODULE(_C, m) {
          std::uintptr_t w, std::uintptr_t grad, int64_t grad_ld, std::uintptr_t stream) {
         const rk::TokenRowsArgs a =
             token_args(b, t, v, logits, stride_b, stride_t, labels, ignore_index, 0);
-        const char* err = nullptr;
-        {
-          py::gil_scoped_release release;
-          err = rk::token_logprobs_bwd_cuda(static_cast<rk::DType>(dtype), a, ptr<const void*>(lse),
-                                            ptr<const void*>(w), ptr<void*>(grad), grad_ld,
-                                            reinterpret_cast<void*>(stream));
-        }
-        if (err != nullptr)
-          throw std::runtime_error(std::string("token_logprobs_bwd cuda: ") + err);
+        call_cuda("token_logprobs_bwd", [&] {
+          return rk::token_logprobs_bwd_cuda(static_cast<rk::DType>(dtype), a,
+                                             ptr<const void*>(lse), ptr<const void*>(w),
+                                             ptr<void*>(grad), grad_ld,
+                                             reinterpret_cast<void*>(stream));
+        });
       });
   m.def(
       "sample_rows_cuda",
@@ -238,13 +242,10 @@ PYBIND11_MODULE(_C, m) {
                                                   temperature_s, top_k, top_k_s, top_p, top_p_s,
                                                   min_p, min_p_s, num_samples, seed, ids, logprobs,
                                                   0);
-        const char* err = nullptr;
-        {
-          py::gil_scoped_release release;
-          err = rk::sample_rows_cuda(static_cast<rk::DType>(dtype), a,
-                                     reinterpret_cast<void*>(stream));
-        }
-        if (err != nullptr) throw std::runtime_error(std::string("sample cuda: ") + err);
+        call_cuda("sample", [&] {
+          return rk::sample_rows_cuda(static_cast<rk::DType>(dtype), a,
+                                      reinterpret_cast<void*>(stream));
+        });
       });
 #endif
 }

@@ -26,9 +26,10 @@
 #pragma once
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace rk {
 
-enum class DType : int { F32 = 0, F64 = 1, BF16 = 2, F16 = 3 };
 enum class KLMode : int { NONE = 0, FULL = 1, K1 = 2, K3 = 3 };
 
 struct RowLossArgs {

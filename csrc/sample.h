@@ -20,7 +20,7 @@
 #pragma once
 #include <cstdint>
 
-#include "rationale_loss.h"  // DType
+#include "dtype.h"
 
 namespace rk {
 

@@ -6,11 +6,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "../rationale_loss.h"
+#include "rows.h"
 #include "vec_math.h"
 
 namespace rk {
@@ -211,23 +209,14 @@ void row(const RowLossArgs& a, int64_t n) {
 }
 
 template <typename T, typename Acc>
-void rows(const RowLossArgs& a) {
-#ifdef _OPENMP
-  const int threads = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (a.n > 1)
-#endif
-  for (int64_t n = 0; n < a.n; ++n) row<T, Acc>(a, n);
+void rows(Types<T, Acc>, const RowLossArgs& a) {
+  parallel_rows(a.n, a.num_threads, [&](int64_t n) { row<T, Acc>(a, n); });
 }
 
 }  // namespace
 
 void rationale_loss_rows_cpu(DType dtype, const RowLossArgs& a) {
-  switch (dtype) {
-    case DType::F32: rows<float, float>(a); break;
-    case DType::F64: rows<double, double>(a); break;
-    case DType::BF16: rows<bf16_t, float>(a); break;
-    case DType::F16: rows<f16_t, float>(a); break;
-  }
+  dispatch_dtype(dtype, [&](auto types) { rows(types, a); });
 }
 
 }  // namespace rk

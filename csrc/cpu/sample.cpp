@@ -14,12 +14,10 @@
 #include <type_traits>
 #include <utility>
 #include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "../philox.h"
 #include "../sample.h"
+#include "rows.h"
 #include "vec_math.h"
 
 namespace rk {
@@ -270,32 +268,26 @@ void row(const SampleArgs& a, int64_t r, std::vector<Acc>& e, std::vector<Acc>& 
   }
 }
 
+// Per-thread buffers of row(), made once per OpenMP thread.
+template <typename Acc>
+struct Scratch {
+  explicit Scratch(int64_t v) : e(static_cast<size_t>(v)), work(static_cast<size_t>(v)) {}
+  std::vector<Acc> e, work;
+  std::vector<std::pair<double, int64_t>> targets;
+  Hist hist;
+};
+
 template <typename T, typename Acc>
-void rows(const SampleArgs& a) {
-#ifdef _OPENMP
-  const int threads = a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
-#pragma omp parallel num_threads(threads) if (a.b > 1)
-#endif
-  {
-    std::vector<Acc> e(static_cast<size_t>(a.v)), work(static_cast<size_t>(a.v));
-    std::vector<std::pair<double, int64_t>> targets;
-    Hist hist;
-#ifdef _OPENMP
-#pragma omp for schedule(dynamic, 4)
-#endif
-    for (int64_t r = 0; r < a.b; ++r) row<T, Acc>(a, r, e, work, targets, hist);
-  }
+void rows(Types<T, Acc>, const SampleArgs& a) {
+  parallel_rows(
+      a.b, a.num_threads, [&] { return Scratch<Acc>(a.v); },
+      [&](int64_t r, Scratch<Acc>& s) { row<T, Acc>(a, r, s.e, s.work, s.targets, s.hist); });
 }
 
 }  // namespace
 
 void sample_rows_cpu(DType dtype, const SampleArgs& a) {
-  switch (dtype) {
-    case DType::F32: rows<float, float>(a); break;
-    case DType::F64: rows<double, double>(a); break;
-    case DType::BF16: rows<bf16_t, float>(a); break;
-    case DType::F16: rows<f16_t, float>(a); break;
-  }
+  dispatch_dtype(dtype, [&](auto types) { rows(types, a); });
 }
 
 }  // namespace rk

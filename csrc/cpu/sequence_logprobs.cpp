@@ -9,11 +9,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 #include "../sequence_logprobs.h"
+#include "rows.h"
 #include "vec_math.h"
 
 namespace rk {
@@ -128,57 +126,32 @@ void bwd_row(const TokenRowsArgs& a, int64_t r, const Acc* lse, const Acc* w, T*
   }
 }
 
-#ifdef _OPENMP
-inline int threads_for(const TokenRowsArgs& a) {
-  return a.num_threads > 0 ? a.num_threads : omp_get_max_threads();
-}
-#endif
-
 template <typename T, typename Acc>
-void fwd_rows(const TokenRowsArgs& a, void* logp, void* lse) {
-  const int64_t n = a.b * a.t;
+void fwd_rows(Types<T, Acc>, const TokenRowsArgs& a, void* logp, void* lse) {
   Acc* lp = static_cast<Acc*>(logp);
   Acc* ls = static_cast<Acc*>(lse);
-#ifdef _OPENMP
-  const int threads = threads_for(a);
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (n > 1)
-#endif
-  for (int64_t r = 0; r < n; ++r) fwd_row<T, Acc>(a, r, lp, ls);
+  parallel_rows(a.b * a.t, a.num_threads, [&](int64_t r) { fwd_row<T, Acc>(a, r, lp, ls); });
 }
 
 template <typename T, typename Acc>
-void bwd_rows(const TokenRowsArgs& a, const void* lse, const void* w, void* grad,
+void bwd_rows(Types<T, Acc>, const TokenRowsArgs& a, const void* lse, const void* w, void* grad,
               int64_t grad_ld) {
-  const int64_t n = a.b * a.t;
   const Acc* ls = static_cast<const Acc*>(lse);
   const Acc* wt = static_cast<const Acc*>(w);
   T* g = static_cast<T*>(grad);
-#ifdef _OPENMP
-  const int threads = threads_for(a);
-#pragma omp parallel for schedule(dynamic, 4) num_threads(threads) if (n > 1)
-#endif
-  for (int64_t r = 0; r < n; ++r) bwd_row<T, Acc>(a, r, ls, wt, g, grad_ld);
+  parallel_rows(a.b * a.t, a.num_threads,
+                [&](int64_t r) { bwd_row<T, Acc>(a, r, ls, wt, g, grad_ld); });
 }
 
 }  // namespace
 
 void token_logprobs_fwd_cpu(DType dtype, const TokenRowsArgs& a, void* logp, void* lse) {
-  switch (dtype) {
-    case DType::F32: fwd_rows<float, float>(a, logp, lse); break;
-    case DType::F64: fwd_rows<double, double>(a, logp, lse); break;
-    case DType::BF16: fwd_rows<bf16_t, float>(a, logp, lse); break;
-    case DType::F16: fwd_rows<f16_t, float>(a, logp, lse); break;
-  }
+  dispatch_dtype(dtype, [&](auto types) { fwd_rows(types, a, logp, lse); });
 }
 
 void token_logprobs_bwd_cpu(DType dtype, const TokenRowsArgs& a, const void* lse, const void* w,
                             void* grad, int64_t grad_ld) {
-  switch (dtype) {
-    case DType::F32: bwd_rows<float, float>(a, lse, w, grad, grad_ld); break;
-    case DType::F64: bwd_rows<double, double>(a, lse, w, grad, grad_ld); break;
-    case DType::BF16: bwd_rows<bf16_t, float>(a, lse, w, grad, grad_ld); break;
-    case DType::F16: bwd_rows<f16_t, float>(a, lse, w, grad, grad_ld); break;
-  }
+  dispatch_dtype(dtype, [&](auto types) { bwd_rows(types, a, lse, w, grad, grad_ld); });
 }
 
 }  // namespace rk

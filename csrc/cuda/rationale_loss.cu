@@ -8,59 +8,22 @@
 // read and written by the same thread, and pass 2 starts after a block barrier.
 #include "rationale_loss.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <climits>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
-#include <type_traits>
+
+#include "common.cuh"
 
 namespace rk {
 namespace {
 
+using namespace cu;
+
 constexpr int kMaxThreads = 512;
 
-// Accurate libm (not __expf): results are checked against a float64 reference.
-__device__ __forceinline__ float ex(float x) { return expf(x); }
-__device__ __forceinline__ double ex(double x) { return exp(x); }
-__device__ __forceinline__ float lg(float x) { return logf(x); }
-__device__ __forceinline__ double lg(double x) { return log(x); }
+// Accurate libm like ex / lg (common.cuh); expm1 for the K3 estimator near rho = 0.
 __device__ __forceinline__ float em1(float x) { return expm1f(x); }
 __device__ __forceinline__ double em1(double x) { return expm1(x); }
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-
-template <class T, class Acc>
-__device__ __forceinline__ T from_acc(Acc x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16(static_cast<float>(x));
-  else if constexpr (std::is_same_v<T, __half>) return __float2half(static_cast<float>(x));
-  else return static_cast<T>(x);
-}
-
-template <class T>
-struct alignas(16) Pack { T x[16 / sizeof(T)]; };
-
-// 16-byte global accesses. Stores use __stwb (st.global.wb.v4, the default write-back policy)
-// because plain uint4/Pack stores were split into narrow ones by the compiler for some kernels.
-template <class T>
-__device__ __forceinline__ Pack<T> load_pack(const T* src) {
-  const uint4 bits = *reinterpret_cast<const uint4*>(src);
-  Pack<T> pk;
-  memcpy(&pk, &bits, sizeof(pk));
-  return pk;
-}
-template <class T>
-__device__ __forceinline__ void store_pack(T* dst, const Pack<T>& pk) {
-  uint4 bits;
-  memcpy(&bits, &pk, sizeof(bits));
-  __stwb(reinterpret_cast<uint4*>(dst), bits);
-}
 
 template <class Acc, int N>
 struct Vals { Acc v[N]; };
@@ -99,9 +62,6 @@ __device__ __forceinline__ void rebase(Soft<Acc>& st, Acc M, Acc MR) {
     st.m = M;
   }
 }
-
-template <class Acc>
-__device__ __forceinline__ Acc max_of(Acc a, Acc b) { return a > b ? a : b; }  // drops NaN
 
 template <bool REF, class Acc>
 __device__ __forceinline__ void merge(Soft<Acc>& a, Soft<Acc> b) {
@@ -160,18 +120,6 @@ __device__ __forceinline__ void warp_merge(Soft<Acc>& a) {
   }
 }
 
-// Leading scalar elements before every non-null pointer is 16-byte aligned; len when the pointers'
-// misalignments differ (then the whole range goes through the scalar path).
-__device__ __forceinline__ int64_t aligned_head(int64_t len, size_t es, const void* a,
-                                                const void* b = nullptr, const void* c = nullptr) {
-  const uintptr_t mis = reinterpret_cast<uintptr_t>(a) % 16;
-  if (mis % es != 0 || (b && reinterpret_cast<uintptr_t>(b) % 16 != mis) ||
-      (c && reinterpret_cast<uintptr_t>(c) % 16 != mis))
-    return len;
-  const int64_t head = static_cast<int64_t>((16 - mis) % 16 / es);
-  return head < len ? head : len;
-}
-
 // Calls f(j, z[j..j+N), r[j..j+N)) for the columns [lo, hi) of one row, the block's threads striding
 // over 16-byte packs (N = 16 / sizeof(T)) between a scalar head and tail (N = 1). REF: r is read,
 // else r holds zeros. OUT: f returns the N values stored to g at the same columns.
@@ -226,21 +174,6 @@ __device__ __forceinline__ void sweep(const T* z, const T* r, T* g, int64_t lo, 
       }
     }
   }
-}
-
-template <class T>
-__device__ __forceinline__ void fill_zero(T* g, int64_t len) {
-  constexpr int W = 16 / sizeof(T);
-  const T zero = from_acc<T>(0.0f);
-  const int64_t head = aligned_head(len, sizeof(T), g);
-  const int64_t nvec = (len - head) / W, tail = head + nvec * W;
-  for (int64_t j = threadIdx.x; j < head; j += blockDim.x) g[j] = zero;
-  for (int64_t j = tail + threadIdx.x; j < len; j += blockDim.x) g[j] = zero;
-  Pack<T> zp;
-#pragma unroll
-  for (int e = 0; e < W; ++e) zp.x[e] = zero;
-  for (int64_t k = threadIdx.x; k < nvec; k += blockDim.x)
-    store_pack(g + head + k * W, zp);
 }
 
 // Per-row constants of d loss / d z_j (see the header), kept relative to the maxima so that large
@@ -306,7 +239,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<T, FULL>) rows_kernel(
     T* g = p.g ? p.g + row * p.ldg : nullptr;
     if (y == p.ignore) {  // block-uniform
       if (threadIdx.x < 4) terms[threadIdx.x] = Acc(0);
-      if (g) fill_zero(g, p.v);
+      if (g) fill_zero(g, p.v, threadIdx.x, blockDim.x);
       continue;
     }
     const T* z = p.z + row * p.ldz;
@@ -389,7 +322,7 @@ __global__ void __launch_bounds__(kMaxThreads, kMinBlocks<T, FULL>) rows_kernel(
 }
 
 template <class T, class Acc>
-const char* launch(const RowLossArgs& a, cudaStream_t stream) {
+const char* launch(Types<T, Acc>, const RowLossArgs& a, cudaStream_t stream) {
   const bool full = a.kl_mode == static_cast<int>(KLMode::FULL);
   const Params<T, Acc> p{a.n,
                          a.v,
@@ -416,8 +349,7 @@ const char* launch(const RowLossArgs& a, cudaStream_t stream) {
   const unsigned grid = static_cast<unsigned>(a.n < INT_MAX ? a.n : INT_MAX);  // rows grid-stride beyond
   if (full) rows_kernel<T, Acc, true><<<grid, threads, 0, stream>>>(p);
   else rows_kernel<T, Acc, false><<<grid, threads, 0, stream>>>(p);
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return launch_error();
 }
 
 }  // namespace
@@ -425,13 +357,8 @@ const char* launch(const RowLossArgs& a, cudaStream_t stream) {
 const char* rationale_loss_rows_cuda(DType dtype, const RowLossArgs& a, void* stream) {
   if (a.n == 0) return nullptr;
   const auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::F32: return launch<float, float>(a, s);
-    case DType::F64: return launch<double, double>(a, s);
-    case DType::BF16: return launch<__nv_bfloat16, float>(a, s);
-    case DType::F16: return launch<__half, float>(a, s);
-  }
-  return "rationale_loss_rows_cuda: unsupported dtype";
+  return dispatch_dtype(dtype, "rationale_loss_rows_cuda: unsupported dtype",
+                        [&](auto types) { return launch(types, a, s); });
 }
 
 }  // namespace rk

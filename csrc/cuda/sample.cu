@@ -17,35 +17,25 @@
 // Every reduction has a fixed association independent of blockDim, so the result depends only on
 // the inputs and the seed. The row is re-read (and e recomputed) by every pass instead of being
 // staged in shared memory: 128k-token rows do not fit, and the re-reads mostly hit L2.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cfloat>
 #include <climits>
 #include <cmath>
 #include <cstdint>
 
+#include "common.cuh"
 #include "philox.h"
 #include "sample.h"
 
 namespace rk {
 namespace {
 
+using namespace cu;
+
 constexpr int kMaxThreads = 512;
 constexpr int kTile = 1024;                       // tokens per prefix-sum tile
 constexpr double kFix = 1099511627776.0;          // 2^40: fixed-point scale of e in [0, 1]
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int64_t kMaxTiles = 8191;  // 32 KiB of dynamic shared memory: V <= 8.4M
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float ex(float x) { return expf(x); }
-__device__ __forceinline__ double ex(double x) { return exp(x); }
-__device__ __forceinline__ float lg(float x) { return logf(x); }
-__device__ __forceinline__ double lg(double x) { return log(x); }
 
 template <class Acc>
 __device__ __forceinline__ Acc neg_inf() {
@@ -308,7 +298,7 @@ __global__ void __launch_bounds__(kMaxThreads) sample_kernel(const SampleArgs a)
 }
 
 template <class T, class Acc>
-const char* launch(const SampleArgs& a, cudaStream_t stream) {
+const char* launch(Types<T, Acc>, const SampleArgs& a, cudaStream_t stream) {
   const int64_t ntiles = (a.v + kTile - 1) / kTile;
   if (ntiles > kMaxTiles) return "vocabulary too large for the CUDA sampler";
   if (a.b > INT_MAX) return "too many rows for the CUDA sampler";
@@ -317,8 +307,7 @@ const char* launch(const SampleArgs& a, cudaStream_t stream) {
   while (threads > 64 && static_cast<int64_t>(threads) * 4 > a.v) threads /= 2;
   const size_t smem = static_cast<size_t>(ntiles + 1) * sizeof(float);
   sample_kernel<T, Acc><<<static_cast<unsigned>(a.b), threads, smem, stream>>>(a);
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return launch_error();
 }
 
 }  // namespace
@@ -326,13 +315,8 @@ const char* launch(const SampleArgs& a, cudaStream_t stream) {
 const char* sample_rows_cuda(DType dtype, const SampleArgs& a, void* stream) {
   if (a.b == 0) return nullptr;
   const auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::F32: return launch<float, float>(a, s);
-    case DType::F64: return launch<double, double>(a, s);
-    case DType::BF16: return launch<__nv_bfloat16, float>(a, s);
-    case DType::F16: return launch<__half, float>(a, s);
-  }
-  return "sample_rows_cuda: unsupported dtype";
+  return dispatch_dtype(dtype, "sample_rows_cuda: unsupported dtype",
+                        [&](auto types) { return launch(types, a, s); });
 }
 
 }  // namespace rk

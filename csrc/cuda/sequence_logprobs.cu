@@ -14,68 +14,21 @@
 // each thread issues its loads before its stores, so grad may alias logits.
 #include "sequence_logprobs.h"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <climits>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <type_traits>
+
+#include "common.cuh"
 
 namespace rk {
 namespace {
 
+using namespace cu;
+
 constexpr int kMaxThreads = 512;
 constexpr int kWarpThreads = 256;  // warp-per-row kernels: 8 rows per block
 constexpr int64_t kWarpMaxV = 2048;
-
-// Accurate libm (not __expf): results are checked against a float64 reference.
-__device__ __forceinline__ float ex(float x) { return expf(x); }
-__device__ __forceinline__ double ex(double x) { return exp(x); }
-__device__ __forceinline__ float lg(float x) { return logf(x); }
-__device__ __forceinline__ double lg(double x) { return log(x); }
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-
-template <class T, class Acc>
-__device__ __forceinline__ T from_acc(Acc x) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16(static_cast<float>(x));
-  else if constexpr (std::is_same_v<T, __half>) return __float2half(static_cast<float>(x));
-  else return static_cast<T>(x);
-}
-
-template <class T>
-struct alignas(16) Pack { T x[16 / sizeof(T)]; };
-
-// 16-byte global accesses; stores through __stwb (st.global.wb.v4) so they are not split.
-template <class T>
-__device__ __forceinline__ Pack<T> load_pack(const T* src) {
-  const uint4 bits = *reinterpret_cast<const uint4*>(src);
-  Pack<T> pk;
-  memcpy(&pk, &bits, sizeof(pk));
-  return pk;
-}
-template <class T>
-__device__ __forceinline__ void store_pack(T* dst, const Pack<T>& pk) {
-  uint4 bits;
-  memcpy(&bits, &pk, sizeof(bits));
-  __stwb(reinterpret_cast<uint4*>(dst), bits);
-}
-
-// Leading scalar elements before both pointers are 16-byte aligned; len when their misalignments
-// differ (or are not a multiple of the element size): then the whole row is scalar.
-__device__ __forceinline__ int64_t aligned_head(int64_t len, size_t es, const void* a,
-                                                const void* b = nullptr) {
-  const uintptr_t mis = reinterpret_cast<uintptr_t>(a) % 16;
-  if (mis % es != 0 || (b && reinterpret_cast<uintptr_t>(b) % 16 != mis)) return len;
-  const int64_t head = static_cast<int64_t>((16 - mis) % 16 / es);
-  return head < len ? head : len;
-}
 
 // The threads that own one row: tid in [0, size). A warp (WARP) or the whole block.
 template <bool WARP>
@@ -146,28 +99,11 @@ __device__ __forceinline__ void sweep(const T* z, T* g, int64_t len, int tid, in
   }
 }
 
-template <class T>
-__device__ __forceinline__ void fill_zero(T* g, int64_t len, int tid, int step) {
-  constexpr int W = 16 / sizeof(T);
-  const T zero = from_acc<T>(0.0f);
-  const int64_t head = aligned_head(len, sizeof(T), g);
-  const int64_t nvec = (len - head) / W, tail = head + nvec * W;
-  for (int64_t j = tid; j < head; j += step) g[j] = zero;
-  for (int64_t j = tail + tid; j < len; j += step) g[j] = zero;
-  Pack<T> zp;
-#pragma unroll
-  for (int e = 0; e < W; ++e) zp.x[e] = zero;
-  for (int64_t k = tid; k < nvec; k += step) store_pack(g + head + k * W, zp);
-}
-
 // Online softmax state: m = max, s = sum e^{z-m}. m == -inf with s == 0 is empty. NaN never becomes
 // a max (comparisons are false) but reaches s through e^{NaN - m}; +inf gives e^{inf - inf} = NaN;
 // rescaling multiplies s, so a NaN s survives every merge (NaN * 0 = NaN).
 template <class Acc>
 struct Soft { Acc m, s; };
-
-template <class Acc>
-__device__ __forceinline__ Acc max_of(Acc a, Acc b) { return a > b ? a : b; }  // drops NaN
 
 template <class Acc>
 __device__ __forceinline__ void rebase(Soft<Acc>& st, Acc M) {
@@ -314,20 +250,20 @@ Params<T, Acc> params(const TokenRowsArgs& a) {
 }
 
 template <class T, class Acc>
-const char* launch_fwd(const TokenRowsArgs& a, void* logp, void* lse, cudaStream_t stream) {
+const char* launch_fwd(Types<T, Acc>, const TokenRowsArgs& a, void* logp, void* lse,
+                       cudaStream_t stream) {
   const Params<T, Acc> p = params<T, Acc>(a);
   const LaunchShape ls = shape_for<T>(p.rows, a.v);
   Acc* lp = static_cast<Acc*>(logp);
   Acc* l = static_cast<Acc*>(lse);
   if (ls.warp) fwd_kernel<T, Acc, true><<<ls.grid, ls.threads, 0, stream>>>(p, lp, l);
   else fwd_kernel<T, Acc, false><<<ls.grid, ls.threads, 0, stream>>>(p, lp, l);
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return launch_error();
 }
 
 template <class T, class Acc>
-const char* launch_bwd(const TokenRowsArgs& a, const void* lse, const void* w, void* grad,
-                       int64_t grad_ld, cudaStream_t stream) {
+const char* launch_bwd(Types<T, Acc>, const TokenRowsArgs& a, const void* lse, const void* w,
+                       void* grad, int64_t grad_ld, cudaStream_t stream) {
   const Params<T, Acc> p = params<T, Acc>(a);
   const LaunchShape ls = shape_for<T>(p.rows, a.v);
   const Acc* l = static_cast<const Acc*>(lse);
@@ -335,8 +271,7 @@ const char* launch_bwd(const TokenRowsArgs& a, const void* lse, const void* w, v
   T* g = static_cast<T*>(grad);
   if (ls.warp) bwd_kernel<T, Acc, true><<<ls.grid, ls.threads, 0, stream>>>(p, l, wt, g, grad_ld);
   else bwd_kernel<T, Acc, false><<<ls.grid, ls.threads, 0, stream>>>(p, l, wt, g, grad_ld);
-  const cudaError_t err = cudaGetLastError();
-  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+  return launch_error();
 }
 
 }  // namespace
@@ -345,26 +280,16 @@ const char* token_logprobs_fwd_cuda(DType dtype, const TokenRowsArgs& a, void* l
                                     void* stream) {
   if (a.b * a.t == 0) return nullptr;
   const auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::F32: return launch_fwd<float, float>(a, logp, lse, s);
-    case DType::F64: return launch_fwd<double, double>(a, logp, lse, s);
-    case DType::BF16: return launch_fwd<__nv_bfloat16, float>(a, logp, lse, s);
-    case DType::F16: return launch_fwd<__half, float>(a, logp, lse, s);
-  }
-  return "token_logprobs_fwd_cuda: unsupported dtype";
+  return dispatch_dtype(dtype, "token_logprobs_fwd_cuda: unsupported dtype",
+                        [&](auto types) { return launch_fwd(types, a, logp, lse, s); });
 }
 
 const char* token_logprobs_bwd_cuda(DType dtype, const TokenRowsArgs& a, const void* lse,
                                     const void* w, void* grad, int64_t grad_ld, void* stream) {
   if (a.b * a.t == 0) return nullptr;
   const auto s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::F32: return launch_bwd<float, float>(a, lse, w, grad, grad_ld, s);
-    case DType::F64: return launch_bwd<double, double>(a, lse, w, grad, grad_ld, s);
-    case DType::BF16: return launch_bwd<__nv_bfloat16, float>(a, lse, w, grad, grad_ld, s);
-    case DType::F16: return launch_bwd<__half, float>(a, lse, w, grad, grad_ld, s);
-  }
-  return "token_logprobs_bwd_cuda: unsupported dtype";
+  return dispatch_dtype(dtype, "token_logprobs_bwd_cuda: unsupported dtype",
+                        [&](auto types) { return launch_bwd(types, a, lse, w, grad, grad_ld, s); });
 }
 
 }  // namespace rk

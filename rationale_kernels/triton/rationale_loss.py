@@ -13,20 +13,13 @@ row, two streaming passes over the vocabulary in BLOCK_V chunks.
 0 * inf appears, while NaN / +inf logits still reach exp() and turn the row's terms into NaN.
 """
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-KL_NONE, KL_FULL, KL_K1, KL_K3 = 0, 1, 2, 3
+from ._common import ACC, acc_dtype, device_ctx, rn_bf16, round_bf16, row_block_config
 
-_ACC = {
-    torch.float32: tl.float32,
-    torch.bfloat16: tl.float32,
-    torch.float16: tl.float32,
-    torch.float64: tl.float64,
-}
+KL_NONE, KL_FULL, KL_K1, KL_K3 = 0, 1, 2, 3
 
 
 @triton.jit
@@ -52,15 +45,6 @@ def _seg_plogp(m, s, t, M, logS):
     empty = m == float("-inf")
     d = tl.where(empty, 0.0, (m - M) - logS)  # m - lse without rounding against a large lse
     return tl.where(empty, 0.0, tl.exp(d) * (t + s * d))
-
-
-@triton.jit
-def _round_bf16(x):
-    # fp32 -> nearest-even bf16 value (still fp32), NaN kept. Only for the Triton interpreter, whose
-    # fp32 -> bf16 cast truncates; compiled code uses cvt.rn, which this reproduces.
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
 
 
 @triton.jit
@@ -200,19 +184,15 @@ def _rationale_loss_kernel(
                 g -= tl.where(cols == y, wp, 0.0)
                 g = scale * g
                 if RN_BF16:
-                    g = _round_bf16(g)
+                    g = round_bf16(g)
                 tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=valid)
 
 
 def _launch_config(V: int, dtype: torch.dtype, full: bool):
-    # Big blocks amortise the per-block reductions. Warps are sized so each thread holds ~16 fp32
-    # lanes per block vector (8 for FULL, which keeps ~2x more live vectors; halved again for fp64):
-    # no register spills on sm_90 (ptxas, triton 3.9: <= 88 regs fp32/bf16/fp16, <= 106 fp64).
-    cap = 2048 if dtype == torch.float64 else 4096
-    block = min(triton.next_power_of_2(max(V, 1)), cap)
-    per_thread = (8 if full else 16) // (2 if dtype == torch.float64 else 1)
-    num_warps = max(1, min(16, block // (32 * per_thread)))
-    return block, num_warps
+    # ~16 fp32 lanes per thread per block vector (8 for FULL, which keeps ~2x more live vectors;
+    # halved again for fp64): no register spills on sm_90 (ptxas, triton 3.9: <= 88 regs
+    # fp32/bf16/fp16, <= 106 fp64).
+    return row_block_config(V, dtype, lanes=8 if full else 16)
 
 
 def _split(x: float):
@@ -237,10 +217,8 @@ def rationale_loss_rows(
 ) -> torch.Tensor:
     """Per-row (loss, nll, kl, entropy) terms, [N, 4] in the accumulation type (float32; float64
     for float64 logits). Writes row_scale * dloss/dlogits into grad when given (may be logits)."""
-    if logits.dtype not in _ACC:
-        raise TypeError(f"rationale_loss_rows: unsupported logits dtype {logits.dtype}")
+    acc_torch = acc_dtype(logits.dtype, "rationale_loss_rows")
     N, V = logits.shape
-    acc_torch = torch.float64 if logits.dtype == torch.float64 else torch.float32
     terms = torch.empty((N, 4), dtype=acc_torch, device=logits.device)
     if N == 0:
         return terms
@@ -256,8 +234,7 @@ def rationale_loss_rows(
 
     block, num_warps = _launch_config(V, logits.dtype, full)
     dummy = terms  # any valid pointer for arguments that compile away
-    # Triton launches on the current CUDA device: make it the tensors' device.
-    with torch.cuda.device(logits.device) if logits.is_cuda else contextlib.nullcontext():
+    with device_ctx(logits):
         _rationale_loss_kernel[(N,)](
             logits,
             logits.stride(0),
@@ -279,10 +256,9 @@ def rationale_loss_rows(
             HAS_WEIGHTS=weights is not None,
             HAS_SCALE=row_scale is not None,
             HAS_GRAD=grad is not None,
-            ACC=_ACC[logits.dtype],
+            ACC=ACC[logits.dtype],
             BLOCK_V=block,
-            # CPU tensors mean the interpreter: emulate the GPU's round-to-nearest bf16 store
-            RN_BF16=logits.dtype == torch.bfloat16 and not logits.is_cuda,
+            RN_BF16=rn_bf16(logits),
             num_warps=num_warps,
         )
     return terms

@@ -20,13 +20,7 @@ import triton
 import triton.language as tl
 
 from .. import _native
-
-_ACC = {
-    torch.float32: tl.float32,
-    torch.bfloat16: tl.float32,
-    torch.float16: tl.float32,
-    torch.float64: tl.float64,
-}
+from ._common import ACC
 
 
 @triton.jit
@@ -203,6 +197,6 @@ def sample_rows(logits, temperature, temperature_s, top_k, top_k_s, top_p, top_p
         S, int(seed), ids, lp,
         HAS_T=temperature is not None, HAS_K=top_k is not None,
         HAS_P=top_p is not None, HAS_M=min_p is not None,
-        ACC=_ACC[logits.dtype], BLOCK=block, SB=sb, num_warps=num_warps,
+        ACC=ACC[logits.dtype], BLOCK=block, SB=sb, num_warps=num_warps,
     )  # fmt: skip
     return ids, lp

@@ -12,27 +12,11 @@ backward): one program per row, the vocabulary streamed in BLOCK_V chunks.
 logits reach exp() and turn the row's s, hence logp and lse, into NaN.
 """
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-_ACC = {
-    torch.float32: tl.float32,
-    torch.bfloat16: tl.float32,
-    torch.float16: tl.float32,
-    torch.float64: tl.float64,
-}
-
-
-@triton.jit
-def _round_bf16(x):
-    # fp32 -> nearest-even bf16 value (still fp32), NaN kept. Only for the Triton interpreter, whose
-    # fp32 -> bf16 cast truncates; compiled code uses cvt.rn, which this reproduces.
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+from ._common import ACC, acc_dtype, device_ctx, rn_bf16, round_bf16, row_block_config
 
 
 @triton.jit
@@ -117,28 +101,8 @@ def _token_logprobs_bwd_kernel(
             p = tl.exp(z - lse)  # z = -inf gives 0; NaN lse (non-finite row) gives NaN
             g = w * (tl.where(cols == y, 1.0, 0.0) - p)
             if RN_BF16:
-                g = _round_bf16(g)
+                g = round_bf16(g)
             tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=valid)
-
-
-def _launch_config(V: int, dtype: torch.dtype):
-    # Big blocks amortise the per-block reductions; ~16 fp32 lanes per thread (8 for fp64).
-    cap = 2048 if dtype == torch.float64 else 4096
-    block = min(triton.next_power_of_2(max(V, 1)), cap)
-    per_thread = 8 if dtype == torch.float64 else 16
-    num_warps = max(1, min(16, block // (32 * per_thread)))
-    return block, num_warps
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    if dtype not in _ACC:
-        raise TypeError(f"token_logprobs: unsupported logits dtype {dtype}")
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _device_ctx(t: torch.Tensor):
-    # Triton launches on the current CUDA device: make it the tensors' device.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def token_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):
@@ -147,15 +111,15 @@ def token_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index:
     logits: [B, T, V] with unit stride on V (any B / T strides; any V stride when V == 1);
     labels: int64 [B, T] contiguous.
     Ignored rows (label == ignore_index) get logp = lse = 0."""
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype, "token_logprobs")
     B, T, V = logits.shape
     logp = torch.empty((B, T), dtype=acc, device=logits.device)
     lse = torch.empty((B, T), dtype=acc, device=logits.device)
     if B * T == 0:
         return logp, lse
     assert (logits.stride(2) == 1 or V == 1) and labels.is_contiguous() and labels.shape == (B, T)
-    block, num_warps = _launch_config(V, logits.dtype)
-    with _device_ctx(logits):
+    block, num_warps = row_block_config(V, logits.dtype)
+    with device_ctx(logits):
         _token_logprobs_fwd_kernel[(B * T,)](
             logits,
             logits.stride(0),
@@ -166,7 +130,7 @@ def token_logprobs_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index:
             T,
             V,
             int(ignore_index),
-            ACC=_ACC[logits.dtype],
+            ACC=ACC[logits.dtype],
             BLOCK_V=block,
             num_warps=num_warps,
         )
@@ -185,7 +149,7 @@ def token_logprobs_bwd(
     into grad, a [B * T, V] tensor of logits' dtype with unit column stride; row r = b * T + t.
     lse, w: [B, T] (or [B * T]) contiguous, accumulation type. grad may be the memory of a
     contiguous logits (in-place). Returns grad."""
-    acc = _acc_dtype(logits.dtype)
+    acc = acc_dtype(logits.dtype, "token_logprobs")
     B, T, V = logits.shape
     if B * T == 0:
         return grad
@@ -193,8 +157,8 @@ def token_logprobs_bwd(
     assert grad.dim() == 2 and grad.shape == (B * T, V) and grad.dtype == logits.dtype
     assert grad.stride(1) == 1 or V <= 1
     assert lse.dtype == acc and w.dtype == acc and lse.is_contiguous() and w.is_contiguous()
-    block, num_warps = _launch_config(V, logits.dtype)
-    with _device_ctx(logits):
+    block, num_warps = row_block_config(V, logits.dtype)
+    with device_ctx(logits):
         _token_logprobs_bwd_kernel[(B * T,)](
             logits,
             logits.stride(0),
@@ -207,10 +171,9 @@ def token_logprobs_bwd(
             T,
             V,
             int(ignore_index),
-            ACC=_ACC[logits.dtype],
+            ACC=ACC[logits.dtype],
             BLOCK_V=block,
-            # CPU tensors mean the interpreter: emulate the GPU's round-to-nearest bf16 store
-            RN_BF16=logits.dtype == torch.bfloat16 and not logits.is_cuda,
+            RN_BF16=rn_bf16(logits),
             num_warps=num_warps,
         )
     return grad

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .. import _native
-from ._common import ACC
+from ._common import ACC, device_ctx
 
 
 @triton.jit
@@ -188,15 +188,16 @@ def sample_rows(logits, temperature, temperature_s, top_k, top_k_s, top_p, top_p
     tile = 1 << 18 if _native.triton_interpret() else 1 << 14
     sb = max(2, min(triton.next_power_of_2(S), tile // block))
     num_warps = 4 if block <= 256 else 8
-    _sample_kernel[(B,)](
-        logits, logits.stride(0), V,
-        arr(temperature, torch.float32), float(temperature_s),
-        arr(top_k, torch.int64), int(top_k_s),
-        arr(top_p, torch.float32), float(top_p_s),
-        arr(min_p, torch.float32), float(min_p_s),
-        S, int(seed), ids, lp,
-        HAS_T=temperature is not None, HAS_K=top_k is not None,
-        HAS_P=top_p is not None, HAS_M=min_p is not None,
-        ACC=ACC[logits.dtype], BLOCK=block, SB=sb, num_warps=num_warps,
-    )  # fmt: skip
+    with device_ctx(logits):
+        _sample_kernel[(B,)](
+            logits, logits.stride(0), V,
+            arr(temperature, torch.float32), float(temperature_s),
+            arr(top_k, torch.int64), int(top_k_s),
+            arr(top_p, torch.float32), float(top_p_s),
+            arr(min_p, torch.float32), float(min_p_s),
+            S, int(seed), ids, lp,
+            HAS_T=temperature is not None, HAS_K=top_k is not None,
+            HAS_P=top_p is not None, HAS_M=min_p is not None,
+            ACC=ACC[logits.dtype], BLOCK=block, SB=sb, num_warps=num_warps,
+        )  # fmt: skip
     return ids, lp

@@ -111,12 +111,13 @@ def test_answer_logprobs_equal_direct_log_softmax():
             assert got[i].item() == pytest.approx(want.item(), abs=1e-4)
 
 
-def test_dpo_step_uses_fused_kernel_and_matches_reference(monkeypatch):
+@pytest.mark.parametrize("pairs", [[[0, 1], [2, 3]], [[0, 3], [2, 1]], [[3, 0], [1, 2]]])
+def test_dpo_step_uses_fused_kernel_and_matches_reference(monkeypatch, pairs):
     model = _tiny()
     g = torch.Generator().manual_seed(1)
     rows = [(torch.randint(4, 40, (4,), generator=g).tolist(),
              torch.randint(4, 40, (n,), generator=g).tolist()) for n in (3, 5, 2, 4)]  # fmt: skip
-    pairs = torch.tensor([[0, 1], [2, 3]])
+    pairs = torch.tensor(pairs)
     ref = torch.tensor([-9.0, -14.0, -6.0, -11.0])
 
     # reference loss and gradient from full logits

@@ -109,7 +109,9 @@ class CollateConfig:
     seed: int = _f(0, "seed of data, model init, splits, batch order and sampling")
     device: str = _f("cpu", "cpu, cuda, cuda:N or auto")
     backend: str = _f("auto", "rationale_kernels backend: auto, cpu, cuda, triton, torch")
-    threads: Optional[int] = _f(None, "torch CPU threads (default: torch's choice)")
+    threads: Optional[int] = _f(None, "torch CPU threads (default: 1 for the tiny default model, "
+                                "whose small matmuls gain nothing from more; torch's choice with "
+                                "--model)")  # fmt: skip
     # data
     dataset: str = _f("synthetic", "synthetic, or a COLLATE dataset: gsm8k commonsenseqa piqa "
                       "winogrande hellaswag")  # fmt: skip
@@ -119,6 +121,18 @@ class CollateConfig:
     n_dev: int = _f(200, "synthetic: validation questions (provider selection)")
     n_test: int = _f(300, "synthetic: test questions")
     flawed_fraction: float = _f(0.3, "synthetic: fraction of flawed silver rationales")
+    synth_ops: str = _f("+-*", "synthetic: operations (subset of +-*)")
+    synth_max_value: int = _f(99, "synthetic: largest value in a problem")
+    synth_min_steps: int = _f(2, "synthetic: fewest operations per problem")
+    synth_max_steps: int = _f(3, "synthetic: most operations per problem")
+    synth_num_choices: int = _f(4, "synthetic: inline answer choices (0: free-form answers)")
+    synth_answer_style: str = _f("value", "synthetic: answers as the value (value) or the choice "
+                                 "label (letter)", choices=["value", "letter"])  # fmt: skip
+    synth_flaw_kinds: List[str] = dataclasses.field(
+        default_factory=lambda: ["wrong_step"],
+        metadata={"help": "synthetic: flaw kinds of the flawed rationales (wrong_step, "
+                  "wrong_answer)"},
+    )  # fmt: skip
     rationale_fraction: float = _f(1.0, "fraction of training questions whose rationale is used "
                                    "(the others are (question, answer) data only)")  # fmt: skip
     max_train: Optional[int] = _f(None, "use at most this many training examples")
@@ -181,6 +195,8 @@ class CollateConfig:
     keep_last: int = _f(2, "checkpoints kept per unit")
 
     def __post_init__(self):
+        if isinstance(self.synth_flaw_kinds, str):
+            self.synth_flaw_kinds = [t.strip() for t in self.synth_flaw_kinds.split(",")]
         if isinstance(self.lora_targets, str):
             self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
         for name in ("providers", "candidates_per_provider", "sft_batch_size", "dpo_batch_size",
@@ -231,6 +247,8 @@ def _epoch_order(seed: int, tag: str, n: int, needed: int) -> List[int]:
 def setup_torch(cfg: CollateConfig) -> torch.device:
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    elif not cfg.model and cfg.device in ("cpu", "auto") and not torch.cuda.is_available():
+        torch.set_num_threads(1)
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
@@ -489,6 +507,39 @@ def sequence_logps(model, rows, *, pad_id: int, batch_size: int = 64, backend: s
     return out
 
 
+def _component_order(pairs: torch.Tensor, n: int) -> Tuple[List[int], torch.Tensor]:
+    """Renumber the candidates so that each connected component of the pair graph is a contiguous,
+    ascending id range and the ranges follow each other (candidates in no pair go last). Returns
+    ``(order, pairs)``: new candidate j is old ``order[j]``.
+
+    Work-around: ``rk.fused_linear_dpo_loss``'s one-pass path (rationale_kernels 2c21295) looks
+    pairs up with ``searchsorted`` in a chunk's concatenated component members, which is only
+    right when that concatenation is sorted; interleaved components (pairs ``[[0, 3], [1, 2]]``)
+    index out of range or mix pairs up."""
+    parent = list(range(n))
+
+    def find(a):
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    flat = pairs.tolist()
+    for c, r in flat:
+        a, b = find(c), find(r)
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    in_pair = sorted({c for p in flat for c in p})
+    comps: Dict[int, List[int]] = {}
+    for u in in_pair:
+        comps.setdefault(find(u), []).append(u)
+    order = [u for root in sorted(comps) for u in comps[root]]
+    seen = set(order)
+    order += [u for u in range(n) if u not in seen]
+    new = {old: j for j, old in enumerate(order)}
+    return order, torch.tensor([[new[c], new[r]] for c, r in flat], dtype=torch.long).reshape(-1, 2)
+
+
 def dpo_step(
     model,
     optimizer,
@@ -507,6 +558,8 @@ def dpo_step(
     ``(prompt_ids, target_ids)``, ``ref_logps`` ``[C]`` their reference log-probs, ``pairs``
     ``[P, 2]`` (chosen, rejected) indices into ``rows``."""
     model.train()
+    order, pairs = _component_order(pairs, len(rows))
+    rows, ref_logps = [rows[i] for i in order], ref_logps[torch.tensor(order, dtype=torch.long)]
     h, y, head = _rows_hidden(model, rows, pad_id)
     loss, m = rk.fused_linear_dpo_loss(
         h, head.weight, y, None, ref_logps.to(h.device, torch.float32), pairs.to(h.device),
@@ -541,7 +594,12 @@ def load_split(cfg: CollateConfig, split: str):
     if cfg.dataset == "synthetic":
         seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
         exs = synthetic_splits(seed=seed, n_train=cfg.n_train, n_dev=cfg.n_dev,
-                               n_test=cfg.n_test, flawed_fraction=cfg.flawed_fraction)[split]
+                               n_test=cfg.n_test, flawed_fraction=cfg.flawed_fraction,
+                               ops=cfg.synth_ops, max_value=cfg.synth_max_value,
+                               min_steps=cfg.synth_min_steps, max_steps=cfg.synth_max_steps,
+                               answer_style=cfg.synth_answer_style,
+                               num_choices=cfg.synth_num_choices or None,
+                               flaw_kinds=tuple(cfg.synth_flaw_kinds))[split]  # fmt: skip
     else:
         exs = load_dataset(cfg.dataset, split, cfg.data_root)
     cap = {"train": cfg.max_train, "dev": cfg.max_dev, "test": cfg.max_test}.get(split)
@@ -566,11 +624,10 @@ def _sft_rows(T: _Tok, train, with_rationale: Sequence[bool]):
     for e, has in zip(train, with_rationale):
         q = format_input(e)
         rows.append((T.prompt(format_prompt("answer", q)), T.target(_answer_text(e.answer))))
-        if has:
-            silver = e.meta.get("silver_answer", e.answer)
+        if has:  # (question, rationale, gold answer): the answer is the question's label
             rows.append((T.prompt(format_prompt("rationale", q)), T.target(e.rationale)))
             rows.append((T.prompt(format_prompt("rationale_answer", q, e.rationale)),
-                         T.target(_answer_text(silver))))  # fmt: skip
+                         T.target(_answer_text(e.answer))))  # fmt: skip
     return rows
 
 

@@ -258,6 +258,29 @@ def test_fused_dpo_padded_matches_packed(backend):
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "torch"])
+@pytest.mark.parametrize("chunk_size", [1, 10, 1000])
+def test_fused_dpo_interleaved_components(backend, chunk_size):
+    """Components (0, 3)-(5, 3) and (1, 2)-(4, 2) interleave in candidate order; with a large chunk
+    they share one chunk, with a small one each gets its own."""
+    hidden, weight, bias, labels, cu, refl = _dpo_case()
+    pairs = torch.tensor([[0, 3], [2, 1], [5, 3], [4, 2]])
+    kw = dict(beta=0.5, loss_type="sigmoid")
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    loss, m = rk.fused_linear_dpo_loss(leaves[0], leaves[1], labels, cu, refl, pairs,
+                                       chunk_size=chunk_size, backend=backend, **kw)  # fmt: skip
+    grads = torch.autograd.grad(loss, leaves)
+    rl = [t.clone().requires_grad_() for t in (hidden, weight)]
+    want = _ref_dpo(rl[0], rl[1], torch.zeros_like(bias), labels, cu, refl, pairs, False, **kw)
+    wgrads = torch.autograd.grad(want, rl)
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+    for a, b in zip(grads, wgrads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    logits = torch.nn.functional.linear(hidden, weight)
+    logps = seq_ref.sequence_logprobs(logits, labels, cu_seqlens=cu)
+    torch.testing.assert_close(m["chosen_logps"], logps[pairs[:, 0]], rtol=1e-10, atol=1e-12)
+
+
 def test_fused_dpo_scores_each_candidate_once(monkeypatch):
     if not _native.has_cpu():
         pytest.skip("needs the cpu backend")

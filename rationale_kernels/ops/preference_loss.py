@@ -296,7 +296,9 @@ def _dpo_one_pass(backend, hidden, weight, bias, labels, cu, ref_logps, pairs, b
     cu_l = cu.to("cpu", torch.int64).tolist()
     lens = [cu_l[c + 1] - cu_l[c] for c in range(C)]
     chunk_of = torch.full((C,), -1, dtype=torch.int64)
-    chunks = _pack(_components(pairs), lens, budget_rows)
+    # candidates ascending inside a chunk: the local pair indices come from searchsorted (whole
+    # components interleave, e.g. pairs (0, 3) and (1, 2), so the packed order is not sorted)
+    chunks = [sorted(c) for c in _pack(_components(pairs), lens, budget_rows)]
     for k, cands in enumerate(chunks):
         chunk_of[cands] = k
     pair_chunk = chunk_of[pairs[:, 0].to("cpu", torch.int64)]

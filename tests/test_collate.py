@@ -185,7 +185,7 @@ def test_run_folder_and_summary(full_run):
     rounds = [r for r in rows if r["phase"] == "round"]
     assert [r["round"] for r in rounds] == [0, 1]
     for r in rounds:
-        assert r["candidates"] == 2 * r["questions"]
+        assert r["candidates"] == 2 * micro().candidates_per_provider * r["questions"]
         assert 0.0 <= r["kept_fraction"] <= 1.0
         assert r["kept"] <= r["pairs"] <= r["questions"]
     stage1 = [r for r in rows if r["phase"] == "stage1"]
@@ -307,7 +307,7 @@ def test_cli(tmp_path):
                               "lora", "--run-dir", str(tmp_path / "x")])  # fmt: skip
     cfg = collate.config_from_args(args)
     assert cfg.providers == 3 and cfg.rounds == 1 and cfg.provider_mode == "lora"
-    assert cfg.beta == 0.1 and cfg.candidates_per_provider == 1
+    assert cfg.beta == 0.1 and cfg.candidates_per_provider == 4
     flags = []
     for k, v in {**MICRO, "n_train": 12, "rounds": 1, "sft_epochs": 1.0}.items():
         flags += ["--" + k.replace("_", "-"), str(v)]

@@ -121,11 +121,11 @@ class CollateConfig:
     n_dev: int = _f(200, "synthetic: validation questions (provider selection)")
     n_test: int = _f(300, "synthetic: test questions")
     flawed_fraction: float = _f(0.3, "synthetic: fraction of flawed silver rationales")
-    synth_ops: str = _f("+-*", "synthetic: operations (subset of +-*)")
-    synth_max_value: int = _f(99, "synthetic: largest value in a problem")
+    synth_ops: str = _f("+-", "synthetic: operations (subset of +-*)")
+    synth_max_value: int = _f(20, "synthetic: largest value in a problem")
     synth_min_steps: int = _f(2, "synthetic: fewest operations per problem")
-    synth_max_steps: int = _f(3, "synthetic: most operations per problem")
-    synth_num_choices: int = _f(4, "synthetic: inline answer choices (0: free-form answers)")
+    synth_max_steps: int = _f(2, "synthetic: most operations per problem")
+    synth_num_choices: int = _f(0, "synthetic: inline answer choices (0: free-form answers)")
     synth_answer_style: str = _f("value", "synthetic: answers as the value (value) or the choice "
                                  "label (letter)", choices=["value", "letter"])  # fmt: skip
     synth_flaw_kinds: List[str] = dataclasses.field(
@@ -145,13 +145,13 @@ class CollateConfig:
                               "tokenizer trained on the task text")  # fmt: skip
     dtype: str = _f("float32", "model dtype")
     vocab_size: int = _f(512, "tiny model: tokenizer vocabulary bound")
-    hidden_size: int = _f(128, "tiny model: hidden size")
-    num_layers: int = _f(4, "tiny model: layers")
+    hidden_size: int = _f(64, "tiny model: hidden size")
+    num_layers: int = _f(2, "tiny model: layers")
     num_heads: int = _f(4, "tiny model: attention heads")
     max_new_tokens: int = _f(48, "longest generated rationale, in tokens")
     # stage 0: multi-mode SFT
-    sft_epochs: float = _f(6.0, "SFT epochs (over the rows of all three modes)")
-    sft_lr: float = _f(2e-3, "SFT peak learning rate (warmup + cosine decay)")
+    sft_epochs: float = _f(16.0, "SFT epochs (over the rows of all three modes)")
+    sft_lr: float = _f(3e-3, "SFT peak learning rate (warmup + cosine decay)")
     sft_batch_size: int = _f(32, "SFT batch size (rows)")
     sft_warmup: float = _f(0.05, "SFT warmup, fraction of the steps")
     # providers
@@ -170,9 +170,9 @@ class CollateConfig:
     stage1_temperature: float = _f(1.0, "stage 1: sampling temperature of the providers' own "
                                    "rationales")  # fmt: skip
     # stage 2
-    rounds: int = _f(2, "stage 2 rounds R")
-    candidates_per_provider: int = _f(1, "stage 2: rationales each provider samples per question")
-    temperature: float = _f(1.0, "stage 2: sampling temperature")
+    rounds: int = _f(3, "stage 2 rounds R")
+    candidates_per_provider: int = _f(4, "stage 2: rationales each provider samples per question")
+    temperature: float = _f(0.7, "stage 2: sampling temperature")
     top_p: float = _f(1.0, "stage 2: nucleus top-p")
     filter_no_rationale: bool = _f(True, "drop a pair whose best candidate does not beat "
                                    "log P(A | I)")  # fmt: skip
@@ -184,6 +184,8 @@ class CollateConfig:
     dpo_lr: float = _f(1e-4, "DPO learning rate (constant)")
     dpo_batch_size: int = _f(16, "DPO batch size (pairs)")
     grad_clip: float = _f(1.0, "gradient-norm clip (0: off)")
+    nll_coef: float = _f(1.0, "add this times the chosen rationales' token-mean NLL to the DPO "
+                         "loss (RPO; 0: plain DPO as in the paper)")  # fmt: skip
     # evaluation
     answerer: str = _f("sft", "who answers after a provider's rationale: sft (M_sft) or "
                        "provider", choices=["sft", "provider"])  # fmt: skip
@@ -552,11 +554,14 @@ def dpo_step(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     grad_clip: float = 0.0,
+    nll_coef: float = 0.0,
     backend: str = "auto",
 ) -> Dict[str, float]:
     """One optimizer step of DPO with ``rk.fused_linear_dpo_loss``: ``rows`` are the candidates
     ``(prompt_ids, target_ids)``, ``ref_logps`` ``[C]`` their reference log-probs, ``pairs``
-    ``[P, 2]`` (chosen, rejected) indices into ``rows``."""
+    ``[P, 2]`` (chosen, rejected) indices into ``rows``. ``nll_coef > 0`` adds that times the
+    token-mean NLL of the chosen targets (``rk.fused_linear_rationale_loss``; RPO-style, against
+    DPO's likelihood displacement)."""
     model.train()
     order, pairs = _component_order(pairs, len(rows))
     rows, ref_logps = [rows[i] for i in order], ref_logps[torch.tensor(order, dtype=torch.long)]
@@ -565,6 +570,14 @@ def dpo_step(
         h, head.weight, y, None, ref_logps.to(h.device, torch.float32), pairs.to(h.device),
         bias=getattr(head, "bias", None), beta=float(beta), loss_type=loss_type, backend=backend,
     )  # fmt: skip
+    nll = None
+    if nll_coef and nll_coef > 0:
+        ci = torch.unique(pairs[:, 0]).to(h.device)
+        hc, yc = h[ci], y[ci]
+        keep = yc != -100
+        nll = rk.fused_linear_rationale_loss(hc[keep], head.weight, yc[keep],
+                                             bias=getattr(head, "bias", None), backend=backend)
+        loss = loss + float(nll_coef) * nll
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     gnorm = None
@@ -578,6 +591,8 @@ def dpo_step(
            "chosen_reward": float(m["chosen_rewards"].float().mean()),
            "rejected_reward": float(m["rejected_rewards"].float().mean()),
            "pairs": int(pairs.shape[0])}  # fmt: skip
+    if nll is not None:
+        out["nll"] = float(nll.detach())
     if gnorm is not None:
         out["grad_norm"] = gnorm
     return out
@@ -811,7 +826,8 @@ def _train_unit(R: _Run, unit: str, providers: Providers, s: int, T: _Tok, data:
                                  dtype=torch.long)
             st = dpo_step(model, opt, [cand_rows[c] for c in uniq], ref[uniq], local,
                           pad_id=T.pad, params=params, beta=cfg.beta, loss_type=cfg.loss_type,
-                          grad_clip=cfg.grad_clip, backend=cfg.backend)  # fmt: skip
+                          grad_clip=cfg.grad_clip, nll_coef=cfg.nll_coef,
+                          backend=cfg.backend)  # fmt: skip
             R.step += 1
             stats.append(st)
             R.log.log(phase="dpo", unit=unit, provider=s, step=R.step, unit_step=k + 1, **st)

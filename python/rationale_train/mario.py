@@ -104,15 +104,28 @@ class MarioConfig:
     seed: int = _f(0, "seed of data, model init, batch order and sampling")
     device: str = _f("cpu", "cpu, cuda, cuda:N or auto")
     backend: str = _f("auto", "rationale_kernels backend: auto, native, cuda, triton, torch")
-    threads: Optional[int] = _f(None, "torch CPU threads (default: torch's choice)")
+    threads: Optional[int] = _f(
+        1,
+        "torch CPU threads (none: torch default); 1 is fastest for the tiny default model on a "
+        "shared CPU (OpenMP barriers stall when another process holds a core)",
+    )
     # data
     dataset: str = _f("synthetic", "synthetic, or a MaRio dataset: strategyqa quarel openbookqa "
                       "numersense qasc")  # fmt: skip
     data_root: Optional[str] = _f(None, "data root for non-synthetic datasets")
     data_seed: Optional[int] = _f(None, "seed of the synthetic data (default: --seed)")
-    n_train: int = _f(1000, "synthetic: training questions")
+    n_train: int = _f(3000, "synthetic: training questions")
     n_test: int = _f(200, "synthetic: test questions")
     flawed_fraction: float = _f(0.3, "synthetic: fraction of flawed silver rationales")
+    synth_ops: str = _f("+-", "synthetic: operations (subset of +-*)")
+    synth_max_value: int = _f(20, "synthetic: largest value in a problem")
+    synth_min_steps: int = _f(2, "synthetic: fewest operations per problem")
+    synth_max_steps: int = _f(2, "synthetic: most operations per problem")
+    synth_answer_style: str = _f(
+        "value",
+        "synthetic: answers as choice letters (letter) or values (value)",
+        choices=["letter", "value"],
+    )
     max_train: Optional[int] = _f(None, "use at most this many training examples")
     max_test: Optional[int] = _f(None, "evaluate at most this many test examples")
     eval_split: str = _f("test", "split the final evaluation uses")
@@ -121,13 +134,13 @@ class MarioConfig:
                               "Llama with a tokenizer trained on the task text")  # fmt: skip
     dtype: str = _f("float32", "model dtype")
     vocab_size: int = _f(512, "tiny model: tokenizer vocabulary bound")
-    hidden_size: int = _f(128, "tiny model: hidden size")
-    num_layers: int = _f(4, "tiny model: layers")
+    hidden_size: int = _f(64, "tiny model: hidden size")
+    num_layers: int = _f(2, "tiny model: layers")
     num_heads: int = _f(4, "tiny model: attention heads")
-    max_new_tokens: int = _f(48, "longest generated target, in tokens")
+    max_new_tokens: int = _f(40, "longest generated target, in tokens")
     # SFT
-    sft_epochs: float = _f(6.0, "SFT epochs over the silver rationales")
-    sft_lr: float = _f(2e-3, "SFT peak learning rate (warmup + cosine decay)")
+    sft_epochs: float = _f(12.0, "SFT epochs over the silver rationales")
+    sft_lr: float = _f(3e-3, "SFT peak learning rate (warmup + cosine decay)")
     sft_batch_size: int = _f(32, "SFT batch size")
     sft_warmup: float = _f(0.05, "SFT warmup, fraction of the steps")
     # MaRio
@@ -138,13 +151,13 @@ class MarioConfig:
     k: int = _f(5, "quantisation bins per (non-binary) reward")
     beta: float = _f(0.1, "KL(policy || reference) coefficient")
     alpha: float = _f(0.0, "entropy bonus coefficient")
-    rounds: int = _f(3, "MaRio rounds (sample, score, re-quantise, train)")
+    rounds: int = _f(4, "MaRio rounds (sample, score, re-quantise, train)")
     samples_per_question: int = _f(1, "rationales sampled per training question per round")
     top_p: float = _f(0.7, "nucleus sampling top-p")
     temperature: float = _f(1.0, "sampling temperature")
-    steps_per_round: int = _f(100, "optimizer steps per round")
+    steps_per_round: int = _f(400, "optimizer steps per round")
     batch_size: int = _f(32, "MaRio batch size")
-    lr: float = _f(3e-4, "MaRio learning rate (constant; the paper's 3e-5 is for T5-large)")
+    lr: float = _f(1e-3, "MaRio learning rate (constant; the paper's 3e-5 is for T5-large)")
     grad_clip: float = _f(1.0, "gradient-norm clip (0: off)")
     variant: str = _f("classic", "classic: all codes from the start; additive: one reward at a "
                       "time", choices=["classic", "additive"])  # fmt: skip
@@ -213,9 +226,18 @@ def load_split(cfg: MarioConfig, split: str):
 
     if cfg.dataset == "synthetic":
         seed = cfg.seed if cfg.data_seed is None else cfg.data_seed
-        exs = synthetic_splits(seed=seed, n_train=cfg.n_train, n_dev=0 if split != "dev" else
-                               cfg.n_test, n_test=cfg.n_test,
-                               flawed_fraction=cfg.flawed_fraction)[split]  # fmt: skip
+        exs = synthetic_splits(
+            seed=seed,
+            n_train=cfg.n_train,
+            n_dev=cfg.n_test,  # constant: the splits must not depend on which one is asked
+            n_test=cfg.n_test,
+            flawed_fraction=cfg.flawed_fraction,
+            ops=cfg.synth_ops,
+            max_value=cfg.synth_max_value,
+            min_steps=cfg.synth_min_steps,
+            max_steps=cfg.synth_max_steps,
+            answer_style=cfg.synth_answer_style,
+        )[split]
     else:
         exs = load_dataset(cfg.dataset, split, cfg.data_root)
         if split == "train":

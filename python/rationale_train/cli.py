@@ -85,6 +85,10 @@ def build_parser(command: Optional[str] = None) -> argparse.ArgumentParser:
                 raise
             p.set_defaults(_run=_not_implemented(name, e))
             continue
+        if not (hasattr(mod, cmd.add) and hasattr(mod, cmd.run)):
+            missing = AttributeError(f"{cmd.module} has no {cmd.add}() / {cmd.run}()")
+            p.set_defaults(_run=_not_implemented(name, missing))
+            continue
         getattr(mod, cmd.add)(p)
         p.set_defaults(_run=getattr(mod, cmd.run))
     return parser

@@ -105,9 +105,9 @@ class MarioConfig:
     device: str = _f("cpu", "cpu, cuda, cuda:N or auto")
     backend: str = _f("auto", "rationale_kernels backend: auto, native, cuda, triton, torch")
     threads: Optional[int] = _f(
-        1,
-        "torch CPU threads (none: torch default); 1 is fastest for the tiny default model on a "
-        "shared CPU (OpenMP barriers stall when another process holds a core)",
+        None,
+        "torch CPU threads; default 1 for the tiny default model (fastest on a shared CPU: "
+        "OpenMP barriers stall when another process holds a core), torch's choice otherwise",
     )
     # data
     dataset: str = _f("synthetic", "synthetic, or a MaRio dataset: strategyqa quarel openbookqa "
@@ -212,8 +212,9 @@ def _generator(seed: int, *parts: Any) -> torch.Generator:
 
 
 def setup_torch(cfg: MarioConfig) -> torch.device:
-    if cfg.threads:
-        torch.set_num_threads(int(cfg.threads))
+    threads = cfg.threads if cfg.threads is not None else (1 if cfg.model is None else None)
+    if threads:
+        torch.set_num_threads(int(threads))
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)

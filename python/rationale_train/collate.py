@@ -509,39 +509,6 @@ def sequence_logps(model, rows, *, pad_id: int, batch_size: int = 64, backend: s
     return out
 
 
-def _component_order(pairs: torch.Tensor, n: int) -> Tuple[List[int], torch.Tensor]:
-    """Renumber the candidates so that each connected component of the pair graph is a contiguous,
-    ascending id range and the ranges follow each other (candidates in no pair go last). Returns
-    ``(order, pairs)``: new candidate j is old ``order[j]``.
-
-    Work-around: ``rk.fused_linear_dpo_loss``'s one-pass path (rationale_kernels 2c21295) looks
-    pairs up with ``searchsorted`` in a chunk's concatenated component members, which is only
-    right when that concatenation is sorted; interleaved components (pairs ``[[0, 3], [1, 2]]``)
-    index out of range or mix pairs up."""
-    parent = list(range(n))
-
-    def find(a):
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    flat = pairs.tolist()
-    for c, r in flat:
-        a, b = find(c), find(r)
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    in_pair = sorted({c for p in flat for c in p})
-    comps: Dict[int, List[int]] = {}
-    for u in in_pair:
-        comps.setdefault(find(u), []).append(u)
-    order = [u for root in sorted(comps) for u in comps[root]]
-    seen = set(order)
-    order += [u for u in range(n) if u not in seen]
-    new = {old: j for j, old in enumerate(order)}
-    return order, torch.tensor([[new[c], new[r]] for c, r in flat], dtype=torch.long).reshape(-1, 2)
-
-
 def dpo_step(
     model,
     optimizer,
@@ -563,8 +530,6 @@ def dpo_step(
     token-mean NLL of the chosen targets (``rk.fused_linear_rationale_loss``; RPO-style, against
     DPO's likelihood displacement)."""
     model.train()
-    order, pairs = _component_order(pairs, len(rows))
-    rows, ref_logps = [rows[i] for i in order], ref_logps[torch.tensor(order, dtype=torch.long)]
     h, y, head = _rows_hidden(model, rows, pad_id)
     loss, m = rk.fused_linear_dpo_loss(
         h, head.weight, y, None, ref_logps.to(h.device, torch.float32), pairs.to(h.device),

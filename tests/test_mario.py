@@ -259,3 +259,19 @@ def test_collate_not_implemented_message():
         pytest.skip("collate exists")
     with pytest.raises(SystemExit, match="not implemented"):
         main(["collate"])
+
+
+def test_cli_sft_and_mario_commands(tmp_path):
+    flags = ["--n-train", "16", "--n-test", "4", "--vocab-size", "300", "--hidden-size", "32",
+             "--num-layers", "1", "--num-heads", "2", "--sft-epochs", "1", "--sft-batch-size", "8",
+             "--max-new-tokens", "16", "--no-progress"]  # fmt: skip
+    res = main(["sft", "--run-dir", str(tmp_path / "sft"), *flags])
+    assert res["status"] == "done" and res["mario"] is None and "accuracy" in res["sft"]
+    assert not (tmp_path / "sft" / "checkpoints").exists()
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"rounds": 1, "steps_per_round": 2, "batch_size": 4}))
+    res = main(["mario", "--run-dir", str(tmp_path / "m"), "--config", str(cfg), *flags])
+    assert res["status"] == "done" and res["steps"] == 2
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["batch_size"] == 4
+    with pytest.raises(FileExistsError):
+        main(["mario", "--run-dir", str(tmp_path / "m"), *flags])

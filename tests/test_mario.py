@@ -275,3 +275,14 @@ def test_cli_sft_and_mario_commands(tmp_path):
     assert json.loads((tmp_path / "m" / "config.json").read_text())["batch_size"] == 4
     with pytest.raises(FileExistsError):
         main(["mario", "--run-dir", str(tmp_path / "m"), *flags])
+
+
+def test_pool_quantize_ties():
+    recs = [{"rewards": {"plausibility": v, "correctness": c}}
+            for v, c in [(1.0, 1.0), (1.0, 0.0), (1.0, 1.0), (0.5, 1.0), (0.0, 0.0)]]  # fmt: skip
+    pool = mario.Pool(recs)
+    pool_bins = pool.quantize(["plausibility", "correctness"], 5)
+    assert pool_bins["plausibility"] == [0, 1, 2, 3, 4]  # Quark: ties split by pool order
+    assert pool_bins["correctness"] == [0, 1, 0, 0, 1]
+    best = pool.quantize(["plausibility", "correctness"], 5, ties="best")
+    assert best["plausibility"] == [0, 0, 0, 3, 4]

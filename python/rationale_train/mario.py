@@ -162,6 +162,12 @@ class MarioConfig:
     variant: str = _f("classic", "classic: all codes from the start; additive: one reward at a "
                       "time", choices=["classic", "additive"])  # fmt: skip
     additive_every: int = _f(100, "additive: steps between introducing rewards")
+    ties: str = _f(
+        "pool",
+        "tied reward values: pool (Quark: equal-count bins, ties split by pool order, earlier "
+        "first) or best (every tied sample gets the best bin of its tie group)",
+        choices=["pool", "best"],
+    )
     add_silver: bool = _f(True, "round 0: add the silver rationales to the pool")
     plausibility_model: Optional[str] = _f(None, "plausibility classifier dir (default: the "
                                            "synthetic step verifier)")  # fmt: skip
@@ -435,14 +441,27 @@ class Pool:
     def values(self, name: str) -> List[float]:
         return [float(r["rewards"][name]) for r in self.records]
 
-    def quantize(self, reward_names: Sequence[str], k: int) -> Dict[str, List[int]]:
-        """Bins of every sample per reward over the whole pool (``quantize_rewards``)."""
+    def quantize(
+        self, reward_names: Sequence[str], k: int, ties: str = "pool"
+    ) -> Dict[str, List[int]]:
+        """Bins of every sample per reward over the whole pool (``quantize_rewards``). With
+        ``ties="best"`` every sample whose value is tied with others gets the best bin of its tie
+        group (a discrete reward's perfect samples then share bin 0 whatever their age)."""
         from .quantize import quantize_rewards
 
         if not self.records:
             return {n: [] for n in reward_names}
-        bins = quantize_rewards({n: self.values(n) for n in reward_names}, k)
-        return {n: bins[n].tolist() for n in reward_names}
+        values = {n: self.values(n) for n in reward_names}
+        bins = {n: b.tolist() for n, b in quantize_rewards(values, k).items()}
+        if ties == "best":
+            for n in reward_names:
+                best: Dict[float, int] = {}
+                for v, b in zip(values[n], bins[n]):
+                    best[v] = min(best.get(v, b), b)
+                bins[n] = [best[v] for v in values[n]]
+        elif ties != "pool":
+            raise ValueError(f"ties must be pool or best, got {ties!r}")
+        return bins
 
     def save(self, path) -> None:
         runs.write_jsonl_atomic(path, self.records)
@@ -722,7 +741,7 @@ def run_mario(
                 )
             if not pool.records:
                 raise RuntimeError(f"round {r}: the pool is empty (no sample had an answer)")
-            bins = pool.quantize(cfg.rewards, cfg.k)
+            bins = pool.quantize(cfg.rewards, cfg.k, cfg.ties)
             ctrl = {n: [int(tok.convert_tokens_to_ids(t)) for t in _tokens_of(n, cfg.k)]
                     for n in cfg.rewards}  # fmt: skip
             order = _epoch_order(cfg.seed, f"round{r}", len(pool),

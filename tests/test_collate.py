@@ -146,6 +146,29 @@ def test_dpo_step_uses_fused_kernel_and_matches_reference(monkeypatch, pairs):
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
 
 
+def test_dpo_step_nll_coef_adds_chosen_token_mean_nll():
+    model = _tiny()
+    g = torch.Generator().manual_seed(2)
+    rows = [(torch.randint(4, 40, (4,), generator=g).tolist(),
+             torch.randint(4, 40, (n,), generator=g).tolist()) for n in (3, 5, 2, 4)]  # fmt: skip
+    pairs = torch.tensor([[0, 3], [2, 1]])  # interleaved components
+    ref = torch.tensor([-9.0, -14.0, -6.0, -11.0])
+    ids, mask, labels = collate._pad_rows(rows, 0, "cpu")
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    logps = rk.sequence_logprobs(logits[:, :-1], labels[:, 1:], backend="torch")
+    dpo, _ = rk.preference_loss(logps, ref, pairs, beta=0.1)
+    lp = torch.log_softmax(logits[:, :-1].double(), -1)
+    y = labels[:, 1:]
+    tok = [lp[i, t, y[i, t]] for i in (0, 2) for t in range(y.shape[1]) if y[i, t] != -100]
+    nll = -torch.stack(tok).mean()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    st = collate.dpo_step(model, opt, rows, ref, pairs, pad_id=0, beta=0.1, nll_coef=0.5)
+    assert st["nll"] == pytest.approx(nll.item(), rel=1e-4)
+    assert st["loss"] == pytest.approx((dpo + 0.5 * nll).item(), rel=1e-4)
+    assert "nll" not in collate.dpo_step(model, opt, rows, ref, pairs, pad_id=0, beta=0.1)
+
+
 def test_training_calls_fused_dpo(monkeypatch, tmp_path):
     calls = []
     real = rk.fused_linear_dpo_loss

@@ -187,8 +187,9 @@ class CollateConfig:
                        "away from M_sft: greedy accuracy falls every round)")  # fmt: skip
     dpo_batch_size: int = _f(16, "DPO batch size (pairs)")
     grad_clip: float = _f(1.0, "gradient-norm clip (0: off)")
-    nll_coef: float = _f(1.0, "add this times the chosen rationales' token-mean NLL to the DPO "
-                         "loss (RPO; 0: plain DPO as in the paper)")  # fmt: skip
+    nll_coef: float = _f(0.0, "add this times the chosen rationales' token-mean NLL to the DPO "
+                         "loss (RPO, a departure from the paper; 0: plain DPO as in the paper; "
+                         "it only helped at dpo_lr=1e-4)")  # fmt: skip
     # evaluation
     answerer: str = _f("sft", "who answers after a provider's rationale: sft (M_sft) or "
                        "provider", choices=["sft", "provider"])  # fmt: skip

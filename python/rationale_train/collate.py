@@ -172,7 +172,7 @@ class CollateConfig:
     stage1_temperature: float = _f(1.0, "stage 1: sampling temperature of the providers' own "
                                    "rationales")  # fmt: skip
     # stage 2
-    rounds: int = _f(3, "stage 2 rounds R")
+    rounds: int = _f(2, "stage 2 rounds R (the paper's default)")
     candidates_per_provider: int = _f(4, "stage 2: rationales each provider samples per question")
     temperature: float = _f(0.7, "stage 2: sampling temperature")
     top_p: float = _f(1.0, "stage 2: nucleus top-p")

@@ -141,7 +141,7 @@ def test_sampling_filters_marker_and_codes_in_inputs(tmp_path, monkeypatch):
     assert calls["kl"][0] == cfg.beta and calls["kl"][2]
     assert calls["loss"] >= len(calls["steps"]) == 2 * 3
     # codes of the last round's steps = the re-quantised pool's bins
-    bins = pool.quantize(cfg.rewards, cfg.k)
+    bins = pool.quantize(cfg.rewards, cfg.k, cfg.ties)
     codes_seen = set()
     for rows, ref_rows, _ in calls["steps"][3:]:
         for (p, t), (q, t2) in zip(rows, ref_rows):
@@ -191,7 +191,8 @@ def test_resume_reproduces_losses(full_run, tmp_path):
 
 def test_additive_variant_introduces_codes(tmp_path, monkeypatch):
     cfg = micro(variant="additive", additive_every=2, rounds=1, steps_per_round=6,
-                sft_epochs=1.0)  # fmt: skip
+                sft_epochs=1.0,
+                rewards=["plausibility", "diversity", "consistency", "correctness"])  # fmt: skip
     assert [len(mario._active_rewards(cfg, s)) for s in range(8)] == [1, 1, 2, 2, 3, 3, 4, 4]
     seen = []
     real_step = mario.train_step

@@ -253,11 +253,10 @@ def test_cli_parsing_and_config_override(tmp_path):
         parser.parse_args(["mario", "--variant", "other"])
 
 
-def test_collate_not_implemented_message():
-    import importlib.util
+def test_missing_command_module_message(monkeypatch):
+    from rationale_train import cli
 
-    if importlib.util.find_spec("rationale_train.collate") is not None:
-        pytest.skip("collate exists")
+    monkeypatch.setitem(cli.COMMANDS, "collate", cli._Command("rationale_train._no_such_module"))
     with pytest.raises(SystemExit, match="not implemented"):
         main(["collate"])
 

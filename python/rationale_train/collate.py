@@ -73,7 +73,10 @@ import torch
 import rationale_kernels as rk
 
 from . import runs
+from .runs import derive_seed as _derive_seed
+from .runs import epoch_order as _epoch_order
 from .runs import progress
+from .runs import seeded_generator as _generator
 
 __all__ = [
     "CollateConfig",
@@ -163,8 +166,15 @@ class CollateConfig:
     lora_r: int = _f(16, "lora: rank")
     lora_alpha: float = _f(32.0, "lora: alpha")
     lora_targets: List[str] = dataclasses.field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                 "down_proj"],  # fmt: skip
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],  # fmt: skip
         metadata={"help": "lora: target module names"},
     )
     # stage 1
@@ -227,27 +237,6 @@ class CollateConfig:
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def _derive_seed(seed: int, *parts: Any) -> int:
-    import hashlib
-
-    h = hashlib.sha256(repr((int(seed),) + tuple(parts)).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 62) - 1)
-
-
-def _generator(seed: int, *parts: Any) -> torch.Generator:
-    return torch.Generator().manual_seed(_derive_seed(seed, *parts))
-
-
-def _epoch_order(seed: int, tag: str, n: int, needed: int) -> List[int]:
-    """Concatenated shuffled epochs of ``range(n)``, at least ``needed`` long (deterministic)."""
-    order: List[int] = []
-    e = 0
-    while len(order) < needed and n > 0:
-        order.extend(torch.randperm(n, generator=_generator(seed, tag, e)).tolist())
-        e += 1
-    return order
 
 
 def setup_torch(cfg: CollateConfig) -> torch.device:
@@ -544,8 +533,9 @@ def dpo_step(
         ci = torch.unique(pairs[:, 0]).to(h.device)
         hc, yc = h[ci], y[ci]
         keep = yc != -100
-        nll = rk.fused_linear_rationale_loss(hc[keep], head.weight, yc[keep],
-                                             bias=getattr(head, "bias", None), backend=backend)
+        nll = rk.fused_linear_rationale_loss(
+            hc[keep], head.weight, yc[keep], bias=getattr(head, "bias", None), backend=backend
+        )
         loss = loss + float(nll_coef) * nll
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -723,8 +713,18 @@ def _sft_phase(R: _Run, device, train, with_rat) -> None:
     R.mark(sft_done=True)
 
 
-def _generate_rationales(model, T: _Tok, examples, n: int, *, temperature: float, top_p: float,
-                         seed: int, cfg: CollateConfig, desc: Optional[str] = None):
+def _generate_rationales(
+    model,
+    T: _Tok,
+    examples,
+    n: int,
+    *,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    cfg: CollateConfig,
+    desc: Optional[str] = None,
+):
     """``[len(examples)][n]`` rationale texts sampled in I->R mode (``temperature=0``: greedy)."""
     from .data import format_input
     from .generate import generate_candidates
@@ -758,8 +758,16 @@ def _score_rows(T: _Tok, examples, rationales: Sequence[Optional[str]]):
     return rows
 
 
-def _train_unit(R: _Run, unit: str, providers: Providers, s: int, T: _Tok, data: Dict[str, Any],
-                epochs: float, desc: str) -> Dict[str, Any]:
+def _train_unit(
+    R: _Run,
+    unit: str,
+    providers: Providers,
+    s: int,
+    T: _Tok,
+    data: Dict[str, Any],
+    epochs: float,
+    desc: str,
+) -> Dict[str, Any]:
     """DPO-train provider ``s`` on ``data`` (``rows`` texts, ``ref_logps``, ``pairs``), resumable;
     returns the unit's summary."""
     from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -791,8 +799,7 @@ def _train_unit(R: _Run, unit: str, providers: Providers, s: int, T: _Tok, data:
             bp = pairs[pidx]
             uniq = sorted(set(bp.flatten().tolist()))
             remap = {c: j for j, c in enumerate(uniq)}
-            local = torch.tensor([[remap[a], remap[b]] for a, b in bp.tolist()],
-                                 dtype=torch.long)
+            local = torch.tensor([[remap[a], remap[b]] for a, b in bp.tolist()], dtype=torch.long)
             st = dpo_step(model, opt, [cand_rows[c] for c in uniq], ref[uniq], local,
                           pad_id=T.pad, params=params, beta=cfg.beta, loss_type=cfg.loss_type,
                           grad_clip=cfg.grad_clip, nll_coef=cfg.nll_coef,
@@ -977,8 +984,9 @@ def _scorer_logprobs(R: _Run, providers: Providers, sft, T: _Tok, examples, rati
 # ------------------------------------------------------------------------------------ evaluation
 
 
-def answer_accuracy(model, T: _Tok, examples, rationales: Sequence[Optional[str]], *,
-                    cfg: CollateConfig) -> Tuple[List[bool], List[Optional[str]]]:
+def answer_accuracy(
+    model, T: _Tok, examples, rationales: Sequence[Optional[str]], *, cfg: CollateConfig
+) -> Tuple[List[bool], List[Optional[str]]]:
     """Answer each example after its rationale ([I;R]->A; I->A when ``None``): with choices, the
     option with the highest mean log-prob; otherwise greedy decoding. Returns ``(correct,
     predicted answers)``."""
@@ -1186,8 +1194,13 @@ def _no_rationale(R: _Run, providers, scorer, T, train) -> torch.Tensor:
     if got is not None:
         return torch.tensor(got, dtype=torch.float32)
     with _with_scorer(providers, scorer) as m:
-        lp = answer_logprobs(m, _score_rows(T, train, [None] * len(train)), pad_id=T.pad,
-                             batch_size=R.cfg.score_batch_size, backend=R.cfg.backend)
+        lp = answer_logprobs(
+            m,
+            _score_rows(T, train, [None] * len(train)),
+            pad_id=T.pad,
+            batch_size=R.cfg.score_batch_size,
+            backend=R.cfg.backend,
+        )
     _write_json(path, lp.tolist())
     return lp
 
@@ -1198,8 +1211,12 @@ def _eval_providers(R: _Run, providers, scorer, T, examples, tag: str) -> None:
     if tag in done:
         return
     for s in range(cfg.providers):
-        rats = [x[0] for x in _generate_rationales(providers.model(s), T, examples, 1,
-                                                    temperature=0.0, top_p=1.0, seed=0, cfg=cfg)]
+        rats = [
+            x[0]
+            for x in _generate_rationales(
+                providers.model(s), T, examples, 1, temperature=0.0, top_p=1.0, seed=0, cfg=cfg
+            )
+        ]
         with _with_scorer(providers, scorer) as sm:
             ans = sm if cfg.answerer == "sft" else None
             if ans is not None:
@@ -1223,8 +1240,12 @@ def _final_eval(R: _Run, providers, scorer, T, dev, test) -> Dict[str, Any]:
                                     "SFT: I->A (no rationale)")  # fmt: skip
         table.append(m)
         preds["sft_no_rationale"] = p[:50]
-        rats = [x[0] for x in _generate_rationales(sm, T, test, 1, temperature=0.0, top_p=1.0,
-                                                    seed=0, cfg=cfg, desc="eval: M_sft")]
+        rats = [
+            x[0]
+            for x in _generate_rationales(
+                sm, T, test, 1, temperature=0.0, top_p=1.0, seed=0, cfg=cfg, desc="eval: M_sft"
+            )
+        ]
         m, p = _evaluate_rationales(R, sm, sm, T, test, rats,
                                     "SFT: [I;R]->A, M_sft rationales")  # fmt: skip
         table.append(m)
@@ -1233,25 +1254,42 @@ def _final_eval(R: _Run, providers, scorer, T, dev, test) -> Dict[str, Any]:
     sel_rows = []
     for s in range(cfg.providers):
         pm = providers.model(s)
-        rats = [x[0] for x in _generate_rationales(pm, T, dev, 1, temperature=0.0, top_p=1.0,
-                                                    seed=0, cfg=cfg, desc=f"select: p{s}")]
+        rats = [
+            x[0]
+            for x in _generate_rationales(
+                pm, T, dev, 1, temperature=0.0, top_p=1.0, seed=0, cfg=cfg, desc=f"select: p{s}"
+            )
+        ]
         with _with_scorer(providers, scorer) as sm:
-            lp = answer_logprobs(sm, _score_rows(T, dev, rats), pad_id=T.pad,
-                                 batch_size=cfg.score_batch_size, backend=cfg.backend)
+            lp = answer_logprobs(
+                sm,
+                _score_rows(T, dev, rats),
+                pad_id=T.pad,
+                batch_size=cfg.score_batch_size,
+                backend=cfg.backend,
+            )
         sel_rows.append({"provider": f"p{s}", "dev_answer_logprob": float(lp.mean())})
     best = max(range(cfg.providers), key=lambda s: sel_rows[s]["dev_answer_logprob"])
     for s in range(cfg.providers):
         pm = providers.model(s)
-        rats = [x[0] for x in _generate_rationales(pm, T, test, 1, temperature=0.0, top_p=1.0,
-                                                    seed=0, cfg=cfg, desc=f"eval: p{s}")]
+        rats = [
+            x[0]
+            for x in _generate_rationales(
+                pm, T, test, 1, temperature=0.0, top_p=1.0, seed=0, cfg=cfg, desc=f"eval: p{s}"
+            )
+        ]
         if cfg.answerer == "sft":
             with _with_scorer(providers, scorer) as sm:
                 m, p = _evaluate_rationales(R, sm, sm, T, test, rats, "")
         else:
             pm = providers.model(s)
             m, p = _evaluate_rationales(R, pm, pm, T, test, rats, "")
-        sel_rows[s].update(test_accuracy=m["accuracy"], test_answer_logprob=m["answer_logprob"],
-                           valid_steps=m.get("valid_steps"), selected=s == best)
+        sel_rows[s].update(
+            test_accuracy=m["accuracy"],
+            test_answer_logprob=m["answer_logprob"],
+            valid_steps=m.get("valid_steps"),
+            selected=s == best,
+        )
         if s == best:
             m["model"] = f"COLLATE: [I;R^]->A, provider p{s} rationales (selected on dev)"
             table.append(m)
@@ -1270,18 +1308,41 @@ def _write_summary(run_dir: Path, cfg: CollateConfig, result: Dict[str, Any], me
     rows = [dict(r) for r in table]
     if len(table) >= 3:
         c = table[-1]["accuracy"]
-        rows.append({"model": "Δ COLLATE − best SFT baseline",
-                     "accuracy": c - max(table[0]["accuracy"], table[1]["accuracy"])})
+        rows.append(
+            {
+                "model": "Δ COLLATE − best SFT baseline",
+                "accuracy": c - max(table[0]["accuracy"], table[1]["accuracy"]),
+            }
+        )
     sections = [("Test accuracy: SFT baselines vs COLLATE", runs.markdown_table(rows))]
     sections.append(("Providers (selection: mean gold-answer log-prob on the validation split)",
                      runs.markdown_table(result["providers"])))  # fmt: skip
-    rnd = [{k: r.get(k) for k in ("round", "questions", "candidates", "pairs", "kept",
-                                  "kept_fraction", "gap", "gap_all", "mean_score",
-                                  "mean_no_rationale")} for r in result.get("rounds", [])]
+    rnd = [
+        {
+            k: r.get(k)
+            for k in (
+                "round",
+                "questions",
+                "candidates",
+                "pairs",
+                "kept",
+                "kept_fraction",
+                "gap",
+                "gap_all",
+                "mean_score",
+                "mean_no_rationale",
+            )
+        }
+        for r in result.get("rounds", [])
+    ]
     if rnd:
         for row, r in zip(rnd, result["rounds"]):
-            dpo = [m for m in metrics if m.get("phase") == "dpo"
-                   and str(m.get("unit", "")).startswith(f"round{r['round']}_")]
+            dpo = [
+                m
+                for m in metrics
+                if m.get("phase") == "dpo"
+                and str(m.get("unit", "")).startswith(f"round{r['round']}_")
+            ]
             row["dpo_loss"] = _mean(m["loss"] for m in dpo)
             row["dpo_acc"] = _mean(m["accuracy"] for m in dpo)
         sections.append(("Stage 2 rounds (kept pairs per question; gap = mean chosen − rejected "
@@ -1316,10 +1377,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     folder options."""
     parser.add_argument("--run-dir", default=None,
                         help="run folder (default: runs/collate-<time>)")  # fmt: skip
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --run-dir from its latest checkpoint")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="empty a non-empty --run-dir and start over")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --run-dir from its latest checkpoint",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="empty a non-empty --run-dir and start over"
+    )
     parser.add_argument("--stop-after-step", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--stop-after-sft-step", type=int, default=None, help=argparse.SUPPRESS)
     runs.add_dataclass_arguments(parser, CollateConfig)

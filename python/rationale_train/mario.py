@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import time
@@ -63,6 +62,8 @@ import torch
 import rationale_kernels as rk
 
 from . import runs
+from .runs import derive_seed as _derive_seed
+from .runs import epoch_order as _epoch_order
 from .runs import progress
 
 __all__ = [
@@ -211,15 +212,6 @@ class MarioConfig:
 
 
 # ------------------------------------------------------------------------------------ setup
-
-
-def _derive_seed(seed: int, *parts: Any) -> int:
-    h = hashlib.sha256(repr((int(seed),) + tuple(parts)).encode()).digest()
-    return int.from_bytes(h[:8], "little") & ((1 << 62) - 1)
-
-
-def _generator(seed: int, *parts: Any) -> torch.Generator:
-    return torch.Generator().manual_seed(_derive_seed(seed, *parts))
 
 
 def setup_torch(cfg: MarioConfig) -> torch.device:
@@ -508,16 +500,6 @@ def _sft_schedule(optimizer, total: int, warmup: float):
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
-
-
-def _epoch_order(seed: int, tag: str, n: int, needed: int) -> List[int]:
-    """Concatenated shuffled epochs of ``range(n)``, at least ``needed`` long (deterministic)."""
-    order: List[int] = []
-    e = 0
-    while len(order) < needed:
-        order.extend(torch.randperm(n, generator=_generator(seed, tag, e)).tolist())
-        e += 1
-    return order
 
 
 def _sft_phase(cfg, run_dir: Path, log, device, train, test, *, stop_after_sft_step=None):

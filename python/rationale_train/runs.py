@@ -492,3 +492,35 @@ def build_config(cls, args=None, file_values: Optional[Mapping[str, Any]] = None
                 v = out
             values[name] = v
     return cls(**values)
+
+
+# --------------------------------------------------------------------------------------------
+# derived seeds: every random choice of a run is keyed by (run seed, what it is for), so a resumed
+# run draws exactly what an uninterrupted one would
+
+
+def derive_seed(seed: int, *parts: Any) -> int:
+    """A 62-bit seed from the run seed and a tag (sha256, so unrelated tags are independent)."""
+    import hashlib
+
+    h = hashlib.sha256(repr((int(seed),) + tuple(parts)).encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 62) - 1)
+
+
+def seeded_generator(seed: int, *parts: Any):
+    """A CPU ``torch.Generator`` seeded with :func:`derive_seed`."""
+    import torch
+
+    return torch.Generator().manual_seed(derive_seed(seed, *parts))
+
+
+def epoch_order(seed: int, tag: str, n: int, needed: int) -> List[int]:
+    """Concatenated shuffled epochs of ``range(n)``, at least ``needed`` long (deterministic)."""
+    import torch
+
+    order: List[int] = []
+    e = 0
+    while len(order) < needed and n > 0:
+        order.extend(torch.randperm(n, generator=seeded_generator(seed, tag, e)).tolist())
+        e += 1
+    return order

@@ -73,6 +73,7 @@ import torch
 import rationale_kernels as rk
 
 from . import runs
+from .mario import _build_base, _f, _freeze, _read_json, _sft_schedule
 from .runs import derive_seed as _derive_seed
 from .runs import epoch_order as _epoch_order
 from .runs import progress
@@ -97,10 +98,6 @@ STATE_FILE = "state.json"
 RESULT_FILE = "result.json"
 
 MODES = ("answer", "rationale", "rationale_answer")  # I->A, I->R, [I;R]->A
-
-
-def _f(default, help: str, **kw):
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
 @dataclasses.dataclass
@@ -309,12 +306,6 @@ def _pad_rows(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int, device):
 
 def _device_of(model) -> torch.device:
     return next(model.parameters()).device
-
-
-def _freeze(model):
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval()
 
 
 # ------------------------------------------------------------------------------------ scoring
@@ -621,30 +612,6 @@ def _tokenizer_texts(train) -> List[str]:
 # ------------------------------------------------------------------------------------ stages
 
 
-def _build_base(cfg: CollateConfig, train, device):
-    from .models import load_model, tiny_llama, train_tokenizer
-
-    if cfg.model:
-        return load_model(cfg.model, device=device, dtype=cfg.dtype)
-    tok = train_tokenizer(_tokenizer_texts(train), vocab_size=cfg.vocab_size)
-    model = tiny_llama(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-                       num_heads=cfg.num_heads, seed=_derive_seed(cfg.seed, "init"),
-                       dtype=cfg.dtype)  # fmt: skip
-    return model.to(device), tok
-
-
-def _sft_schedule(optimizer, total: int, warmup: float):
-    warm = max(int(round(total * warmup)), 1)
-
-    def f(step):
-        if step < warm:
-            return (step + 1) / warm
-        t = (step - warm) / max(total - warm, 1)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, f)
-
-
 class _Stop(Exception):
     pass
 
@@ -671,7 +638,7 @@ def _sft_phase(R: _Run, device, train, with_rat) -> None:
 
     cfg = R.cfg
     sft_run = R.run_dir / "sft"
-    model, tok = _build_base(cfg, train, device)
+    model, tok = _build_base(cfg, _tokenizer_texts(train), device)
     T = _Tok(tok)
     rows = _sft_rows(T, train, with_rat)
     total = max(int(math.ceil(cfg.sft_epochs * len(rows) / cfg.sft_batch_size)), 1)
@@ -1061,13 +1028,6 @@ def _evaluate_rationales(R: _Run, answerer, scorer, T, examples, rationales, lab
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
-
-
-def _read_json(path: Path):
-    path = Path(path)
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _write_json(path: Path, obj) -> None:

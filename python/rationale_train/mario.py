@@ -475,14 +475,14 @@ class Pool:
 # ------------------------------------------------------------------------------------ SFT
 
 
-def _build_base(cfg: MarioConfig, train, device):
-    from .data import format_example_target, format_input
+def _build_base(cfg, texts, device):
+    """(model, tokenizer): ``cfg.model`` loaded, or a tiny Llama with a tokenizer trained on
+    ``texts`` (shared by MaRio and COLLATE; ``cfg`` needs model, dtype, vocab_size, hidden_size,
+    num_layers, num_heads, seed)."""
     from .models import load_model, tiny_llama, train_tokenizer
 
     if cfg.model:
-        model, tok = load_model(cfg.model, device=device, dtype=cfg.dtype)
-        return model, tok
-    texts = [format_input(e) + " " + format_example_target(e) for e in train]
+        return load_model(cfg.model, device=device, dtype=cfg.dtype)
     tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)
     model = tiny_llama(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                        num_heads=cfg.num_heads, seed=_derive_seed(cfg.seed, "init"),
@@ -510,7 +510,10 @@ def _sft_phase(cfg, run_dir: Path, log, device, train, test, *, stop_after_sft_s
     from .models import save_pretrained_atomic
 
     sft_run = run_dir / "sft"
-    model, tok = _build_base(cfg, train, device)
+    from .data import format_input
+
+    texts = [format_input(e) + " " + format_example_target(e) for e in train]
+    model, tok = _build_base(cfg, texts, device)
     total = max(int(math.ceil(cfg.sft_epochs * len(train) / cfg.sft_batch_size)), 1)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     sched = _sft_schedule(opt, total, cfg.sft_warmup)

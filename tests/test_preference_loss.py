@@ -333,3 +333,41 @@ def test_gpu_fused_dpo_matches_reference(backend):
     torch.testing.assert_close(loss.cpu(), want, rtol=1e-9, atol=1e-11)
     for a, b in zip(grads, wgrads):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("one_pass", [True, False])
+def test_fused_dpo_normalizer_splits_add_up(backend, one_pass, monkeypatch):
+    """Data parallelism: two shards of the pairs, each normalised by the global pair count, give
+    losses and gradients that sum to the one-shard mean (preference_loss too)."""
+    if not one_pass:
+        if backend == "torch":
+            pytest.skip("the torch backend always scores first")
+        monkeypatch.setattr(pref_ops, "_DPO_MAX_CHUNK_BYTES", {"cpu": 0})
+    hidden, weight, bias, labels, cu, refl = _dpo_case()
+    pairs = torch.tensor([[0, 2], [4, 0], [0, 5], [3, 2], [5, 4]])
+    kw = dict(beta=0.3, loss_type="sigmoid", label_smoothing=0.1, backend=backend, bias=bias)
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    full, _ = rk.fused_linear_dpo_loss(leaves[0], leaves[1], labels, cu, refl, pairs, **kw)
+    want = torch.autograd.grad(full, leaves)
+    parts, got = [], [torch.zeros_like(t) for t in leaves]
+    for shard, norm in ((pairs[:2], 5.0), (pairs[2:], torch.tensor(5.0, dtype=torch.float64))):
+        lv = [t.clone().requires_grad_() for t in (hidden, weight)]
+        part, _ = rk.fused_linear_dpo_loss(lv[0], lv[1], labels, cu, refl, shard, normalizer=norm,
+                                           **kw)  # fmt: skip
+        for acc, g in zip(got, torch.autograd.grad(part, lv)):
+            acc += g
+        parts.append(part)
+    torch.testing.assert_close(parts[0] + parts[1], full, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    pi, rl = _logps(6)
+    a, _ = rk.preference_loss(pi, rl, pairs[:2], normalizer=5)
+    b, _ = rk.preference_loss(pi, rl, pairs[2:], normalizer=5)
+    c, _ = rk.preference_loss(pi, rl, pairs)
+    torch.testing.assert_close(a + b, c, rtol=1e-12, atol=1e-12)
+    for bad in (0, -1.0, "5", torch.ones(2)):
+        with pytest.raises(ValueError, match="normalizer"):
+            rk.preference_loss(pi, rl, pairs, normalizer=bad)
+        with pytest.raises(ValueError, match="normalizer"):
+            rk.fused_linear_dpo_loss(hidden, weight, labels, cu, refl, pairs, normalizer=bad)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from numbers import Number
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -138,6 +138,7 @@ def preference_loss(
     beta: float = 0.1,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    normalizer: Union[None, float, Tensor] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """DPO-family loss over (chosen, rejected) pairs of scored candidates.
 
@@ -153,9 +154,11 @@ def preference_loss(
             IPO uses the log-probs as passed: pass ``average=True`` log-probs for the paper's
             length-normalised IPO.
         label_smoothing: ε, the assumed probability that a pair's preference is flipped.
+        normalizer: divide the summed pair losses by this instead of P (e.g. the global pair
+            count under data parallelism, so every rank's gradient adds up to the global mean).
 
     Returns:
-        ``(loss, metrics)``: the mean loss over pairs (float32, float64 for float64 inputs) and
+        ``(loss, metrics)``: the mean loss over pairs (sum / ``normalizer`` when given) (float32, float64 for float64 inputs) and
         detached per-pair ``chosen_rewards``/``rejected_rewards`` (β·(logπ − logπ_ref)),
         ``margins`` (chosen − rejected), ``chosen_logps``/``rejected_logps`` and the scalar
         ``accuracy`` (fraction of margins > 0; ties count as wrong).
@@ -163,11 +166,24 @@ def preference_loss(
     _check_logps(policy_logps, ref_logps)
     _check_options(beta, loss_type, label_smoothing)
     _check_pairs(pairs, policy_logps.shape[0], policy_logps.device)
+    _check_normalizer(normalizer)
     acc = torch.float64 if policy_logps.dtype == torch.float64 else torch.float32
     pi = policy_logps.to(acc)
     ref = ref_logps.detach().to(acc)
     losses, chosen, rejected = _pair_losses(pi, ref, pairs, beta, loss_type, label_smoothing)
-    return losses.mean(), _metrics(pi, chosen, rejected, pairs, beta)
+    loss = losses.mean() if normalizer is None else losses.sum() / normalizer
+    return loss, _metrics(pi, chosen, rejected, pairs, beta)
+
+
+def _check_normalizer(normalizer) -> None:
+    if normalizer is None:
+        return
+    if isinstance(normalizer, Tensor):
+        if normalizer.numel() != 1:
+            raise ValueError("normalizer tensor must have exactly one element")
+        return
+    if not isinstance(normalizer, Number) or not float(normalizer) > 0:
+        raise ValueError(f"normalizer must be a number > 0, got {normalizer!r}")
 
 
 def _metrics(pi, chosen, rejected, pairs, beta) -> Dict[str, Tensor]:
@@ -411,6 +427,7 @@ def fused_linear_dpo_loss(
     average: bool = False,
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
+    normalizer: Union[None, float, Tensor] = None,
     backend: str = "auto",
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """End-to-end DPO from hidden states, equal to :func:`preference_loss` of
@@ -435,6 +452,7 @@ def fused_linear_dpo_loss(
         average, ignore_index, backend: as in :func:`fused_linear_sequence_logprobs`.
         chunk_size: target rows per chunk (whole components are never split); default keeps a
             chunk of logits near 64 MiB on CPU and 1 GiB on GPU.
+        normalizer: as in :func:`preference_loss` (sum of pair losses / normalizer).
 
     Returns ``(loss, metrics)`` as :func:`preference_loss`.
     """
@@ -461,6 +479,7 @@ def fused_linear_dpo_loss(
     _check_device(hidden.device, ref_logps=ref_logps)
     _check_options(beta, loss_type, label_smoothing)
     _check_pairs(pairs, C, hidden.device)
+    _check_normalizer(normalizer)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     _check_linear("hidden", hidden, "weight", weight, "bias", bias)
@@ -486,7 +505,8 @@ def fused_linear_dpo_loss(
             average=average, chunk_size=chunk_size, backend=be,
         )  # fmt: skip
         return preference_loss(logps, ref.to(logps.dtype), pairs, beta=beta, loss_type=loss_type,
-                               label_smoothing=label_smoothing)  # fmt: skip
+                               label_smoothing=label_smoothing,
+                               normalizer=normalizer)  # fmt: skip
     budget = chunk_size or _default_chunk(hidden.shape[0], V, elt, False, hidden.device)
     grad_on = torch.is_grad_enabled()
     loss, logps, _, _, _ = _dpo_op(
@@ -495,6 +515,8 @@ def fused_linear_dpo_loss(
         int(budget), grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
         grad_on and bias is not None and bias.requires_grad,
     )  # fmt: skip
+    if normalizer is not None:  # the op returns the mean over the P pairs
+        loss = loss * (pairs.shape[0] / normalizer)
     pi = logps.detach()
     refa = ref.to(pi.dtype)
     _, chosen, rejected = _pair_losses(pi, refa, pairs, beta, loss_type, label_smoothing)

@@ -131,14 +131,25 @@ def _is_complete(path: Path) -> bool:
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # DistributedDataParallel / DataParallel (.module), torch.compile (._orig_mod)
+    # dist.Parallel (.model), DistributedDataParallel / DataParallel (.module), torch.compile
+    # (._orig_mod)
     while True:
-        if isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+        if _is_parallel(model):
+            model = model.model
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
             model = model._orig_mod
         else:
             return model
+
+
+def _is_parallel(model) -> bool:
+    return hasattr(model, "gather_state") and hasattr(model, "load_state")
+
+
+def _fsdp(model) -> bool:
+    return _is_parallel(model) and model.mode == "fsdp"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,8 +237,28 @@ def save_checkpoint(
     JSON-able ``extra``) atomically to ``run_dir/checkpoints/step_XXXXXXXX``, point ``latest`` at
     it, and delete all but the ``keep_last`` newest checkpoints (``None`` or ``<= 0``: keep all).
     Saving a step that already exists replaces it. Returns the checkpoint directory.
+
+    ``model`` may be a :class:`rationale_train.dist.Parallel`: then every rank calls this, FSDP
+    gathers the full state, rank 0 alone writes it (in the one-process format, so it resumes
+    under any world size and mode), and the ranks meet at a barrier before returning.
     """
-    from safetensors.torch import save_model
+    from . import dist
+
+    if _is_parallel(model):
+        model_state, opt_state = model.gather_state(optimizer)  # collective under FSDP
+        if not dist.is_main():
+            dist.barrier()
+            return Path(run_dir) / CKPT_DIR / f"step_{int(step):08d}"
+        try:
+            return _save(run_dir, step, model, optimizer, scheduler, extra, keep_last,
+                         model_state, opt_state)  # fmt: skip
+        finally:
+            dist.barrier()
+    return _save(run_dir, step, model, optimizer, scheduler, extra, keep_last, None, None)
+
+
+def _save(run_dir, step, model, optimizer, scheduler, extra, keep_last, model_state, opt_state):
+    from safetensors.torch import save_file, save_model
 
     step = int(step)
     if step < 0:
@@ -251,11 +282,16 @@ def save_checkpoint(
     final = root / name
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=str(root)))
     try:
-        save_model(_unwrap(model), str(tmp / "model.safetensors"), metadata={"format": "pt"},
-                   force_contiguous=True)  # fmt: skip
+        if model_state is not None:  # gathered from FSDP shards, tied aliases already dropped
+            save_file({k: v.contiguous() for k, v in model_state.items()},
+                      str(tmp / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
+        else:
+            save_model(_unwrap(model), str(tmp / "model.safetensors"), metadata={"format": "pt"},
+                       force_contiguous=True)  # fmt: skip
         files = ["model.safetensors"]
         if optimizer is not None:
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            state = opt_state if opt_state is not None else optimizer.state_dict()
+            torch.save(state, tmp / "optimizer.pt")
             files.append("optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -299,9 +335,11 @@ def load_checkpoint(
     ``run_dir_or_ckpt`` is a run folder (its latest checkpoint is loaded), its ``checkpoints``
     folder, or one ``step_XXXXXXXX`` directory. Returns ``{"step", "extra", "path"}``. Raises
     ``FileNotFoundError`` when there is no checkpoint, ``ValueError`` when an optimizer or
-    scheduler is given but the checkpoint has none.
+    scheduler is given but the checkpoint has none. ``model`` may be a
+    :class:`rationale_train.dist.Parallel` (every rank calls this and reads the files; FSDP keeps
+    each rank's shard).
     """
-    from safetensors.torch import load_model
+    from safetensors.torch import load_file, load_model
 
     path = Path(run_dir_or_ckpt)
     if not (path / "meta.json").is_file():
@@ -313,13 +351,21 @@ def load_checkpoint(
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} checkpoint (format={meta.get('format')!r})")
 
-    load_model(_unwrap(model), str(path / "model.safetensors"), strict=True)
     for obj, fname in ((optimizer, "optimizer.pt"), (scheduler, "scheduler.pt")):
-        if obj is None:
-            continue
-        if not (path / fname).is_file():
+        if obj is not None and not (path / fname).is_file():
             raise ValueError(f"{path} has no {fname}: it was saved without one")
-        obj.load_state_dict(torch.load(path / fname, map_location="cpu", weights_only=weights_only))
+    opt_state = None
+    if optimizer is not None:
+        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=weights_only)
+    if _fsdp(model):
+        model.load_state(load_file(str(path / "model.safetensors")), opt_state, optimizer)
+    else:
+        load_model(_unwrap(model), str(path / "model.safetensors"), strict=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(opt_state)
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu",
+                                             weights_only=weights_only))  # fmt: skip
     if restore_rng and (path / "rng.pt").is_file():
         _set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=weights_only))
     return {"step": int(meta["step"]), "extra": meta.get("extra", {}), "path": path}

@@ -12,12 +12,17 @@ Every training option is a flag and a key of a ``--config FILE`` (JSON, or TOML 
 the top level or in a ``[mario]`` / ``[collate]`` table); explicit flags override the file, which
 overrides the defaults. ``--no-progress`` hides progress bars (they are shown only on a terminal
 anyway). Run as ``rationale-train ...`` or ``python -m rationale_train.cli ...``.
+
+Several processes: ``torchrun --nproc-per-node N $(command -v rationale-train) mario ...`` (or
+``torchrun ... -m rationale_train mario ...``); see :mod:`rationale_train.dist`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 from typing import Any, Callable, Optional, Sequence
 
@@ -103,7 +108,19 @@ def _command_of(argv: Sequence[str]) -> Optional[str]:
     return None
 
 
+def _record(fn):
+    """torchrun's error recording: a rank that raises writes its traceback where the launcher
+    reports it as the run's root cause (and the launcher stops the other ranks)."""
+    try:
+        from torch.distributed.elastic.multiprocessing.errors import record
+    except ImportError:  # pragma: no cover
+        return fn
+    return record(fn)
+
+
+@_record
 def main(argv: Optional[Sequence[str]] = None) -> Any:
+    from . import dist
     from .runs import read_config_file, set_progress_enabled
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -114,7 +131,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
     args.config_values = None
     if getattr(args, "config", None):
         args.config_values = read_config_file(args.config, section=args.command)
-    return args._run(args)
+    if not dist.launched():
+        return args._run(args)
+    # under torchrun: one process group for the whole command; rank 0 alone prints
+    dist.init()
+    quiet = None if dist.is_main() else open(os.devnull, "w")
+    try:
+        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+            return args._run(args)
+    finally:
+        if quiet:
+            quiet.close()
+        dist.shutdown()
 
 
 if __name__ == "__main__":

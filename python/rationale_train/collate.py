@@ -72,8 +72,8 @@ import torch
 
 import rationale_kernels as rk
 
-from . import runs
-from .mario import _build_base, _f, _freeze, _read_json, _sft_schedule
+from . import dist, runs
+from .mario import _build_base, _f, _float, _freeze, _read_json, _sft_schedule
 from .runs import derive_seed as _derive_seed
 from .runs import epoch_order as _epoch_order
 from .runs import progress
@@ -507,45 +507,106 @@ def dpo_step(
     grad_clip: float = 0.0,
     nll_coef: float = 0.0,
     backend: str = "auto",
+    parallel: Optional[dist.Parallel] = None,
+    contributes: bool = True,
 ) -> Dict[str, float]:
     """One optimizer step of DPO with ``rk.fused_linear_dpo_loss``: ``rows`` are the candidates
     ``(prompt_ids, target_ids)``, ``ref_logps`` ``[C]`` their reference log-probs, ``pairs``
     ``[P, 2]`` (chosen, rejected) indices into ``rows``. ``nll_coef > 0`` adds that times the
     token-mean NLL of the chosen targets (``rk.fused_linear_rationale_loss``; RPO-style, against
-    DPO's likelihood displacement)."""
+    DPO's likelihood displacement).
+
+    ``parallel`` (a :class:`dist.Parallel` of ``model``): ``rows`` / ``pairs`` are this rank's
+    share of the global batch, whole components of the pair graph (:func:`rank_pairs`), so no
+    candidate is on two ranks. The DPO loss is normalised by the global pair count and the NLL by
+    the global chosen-token count (all-reduced) over the world size, so the averaged gradient is
+    the one-process gradient of the global batch; the returned figures are global.
+    ``contributes=False``: this rank has no share and runs the step on a stand-in with zero
+    weight (DDP and FSDP need a forward on every rank)."""
     model.train()
-    h, y, head = _rows_hidden(model, rows, pad_id)
-    loss, m = rk.fused_linear_dpo_loss(
-        h, head.weight, y, None, ref_logps.to(h.device, torch.float32), pairs.to(h.device),
-        bias=getattr(head, "bias", None), beta=float(beta), loss_type=loss_type, backend=backend,
-    )  # fmt: skip
-    nll = None
-    if nll_coef and nll_coef > 0:
-        ci = torch.unique(pairs[:, 0]).to(h.device)
-        hc, yc = h[ci], y[ci]
-        keep = yc != -100
-        nll = rk.fused_linear_rationale_loss(
-            hc[keep], head.weight, yc[keep], bias=getattr(head, "bias", None), backend=backend
-        )
-        loss = loss + float(nll_coef) * nll
+    w = 1.0 if contributes else 0.0
+    chosen = torch.unique(pairs[:, 0])
+    n_pairs = int(pairs.shape[0]) * w
+    n_tok = sum(len(rows[c][1]) - (0 if rows[c][0] else 1) for c in chosen.tolist()) * w
+    world = dist.world() if parallel is not None else 1
+    norm = nll_norm = None
+    if world > 1:
+        n_pairs_g, n_tok_g = dist.all_sum([n_pairs, n_tok])
+        norm, nll_norm = max(n_pairs_g, 1.0) / world, max(n_tok_g, 1.0) / world
+
+    def loss_of(m):
+        h, y, head = _rows_hidden(m, rows, pad_id)
+        b = getattr(head, "bias", None)
+        loss, met = rk.fused_linear_dpo_loss(
+            h, head.weight, y, None, ref_logps.to(h.device, torch.float32), pairs.to(h.device),
+            bias=b, beta=float(beta), loss_type=loss_type, normalizer=norm, backend=backend,
+        )  # fmt: skip
+        nll = None
+        if nll_coef and nll_coef > 0:
+            ci = chosen.to(h.device)
+            hc, yc = h[ci], y[ci]
+            keep = yc != -100
+            nll = rk.fused_linear_rationale_loss(hc[keep], head.weight, yc[keep], bias=b,
+                                                 normalizer=nll_norm, backend=backend)  # fmt: skip
+            loss = loss + float(nll_coef) * nll
+        return loss * w, met, nll
+
+    loss, m, nll = parallel(loss_of) if parallel is not None else loss_of(model)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     gnorm = None
     if grad_clip and grad_clip > 0:
-        ps = list(params) if params is not None else list(model.parameters())
-        gnorm = float(torch.nn.utils.clip_grad_norm_(ps, grad_clip))
+        if params is not None:
+            ps = list(params)
+        else:
+            ps = parallel.parameters() if parallel is not None else list(model.parameters())
+        gnorm = _float(torch.nn.utils.clip_grad_norm_(ps, grad_clip))
     optimizer.step()
     model.eval()
-    out = {"loss": float(loss.detach()), "accuracy": float(m["accuracy"]),
-           "margin": float(m["margins"].float().mean()),
-           "chosen_reward": float(m["chosen_rewards"].float().mean()),
-           "rejected_reward": float(m["rejected_rewards"].float().mean()),
-           "pairs": int(pairs.shape[0])}  # fmt: skip
+    # sums over this rank's pairs, then over the ranks
+    vals = [float(loss.detach()), float(m["accuracy"]) * n_pairs,
+            float(m["margins"].float().sum()) * w, float(m["chosen_rewards"].float().sum()) * w,
+            float(m["rejected_rewards"].float().sum()) * w,
+            float(nll.detach()) if nll is not None else 0.0, n_pairs]  # fmt: skip
+    if world > 1:
+        vals = dist.all_sum(vals)
+    P = max(vals[-1], 1.0)
+    out = {"loss": vals[0] / world, "accuracy": vals[1] / P, "margin": vals[2] / P,
+           "chosen_reward": vals[3] / P, "rejected_reward": vals[4] / P, "pairs": int(vals[-1])}
     if nll is not None:
-        out["nll"] = float(nll.detach())
+        out["nll"] = vals[5] / world
     if gnorm is not None:
         out["grad_norm"] = gnorm
     return out
+
+
+def rank_pairs(pairs: Sequence[Sequence[int]]) -> Tuple[List[int], bool]:
+    """This rank's share of a global batch of pairs: the positions of the pairs in a contiguous
+    block of the pair graph's components (candidates joined by a pair; in COLLATE, one per
+    question), so a candidate lives on one rank. Returns ``(positions, contributes)``; a rank left
+    without a component gets the first one as a zero-weight stand-in (``contributes=False``)."""
+    parent: Dict[int, int] = {}
+
+    def find(a: int) -> int:
+        parent.setdefault(a, a)
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for c, r in pairs:
+        a, b = find(int(c)), find(int(r))
+        if a != b:
+            parent[max(a, b)] = min(a, b)
+    comps: Dict[int, List[int]] = {}
+    for i, (c, _) in enumerate(pairs):
+        comps.setdefault(find(int(c)), []).append(i)
+    groups = list(comps.values())
+    part = dist.shard(len(groups))
+    mine = [i for g in groups[part.start : part.stop] for i in g]
+    if mine:
+        return mine, True
+    return groups[0], False
 
 
 # ------------------------------------------------------------------------------------ data

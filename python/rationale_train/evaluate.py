@@ -120,11 +120,34 @@ def evaluate(
     "<reward>": mean, ...}`` (``accuracy``: the fraction whose parsed answer matches the gold one,
     ``answered``: the fraction with an answer marker); ``predictions``: one dict per example
     (``id``, ``output``, ``rationale``, ``answer``, ``correct``, reward values)."""
-    from .data import answer_matches, parse_target
-    from .rewards import compute_rewards
+    from . import dist
 
     if not examples:
         return {"n": 0, "accuracy": float("nan"), "answered": float("nan")}, []
+
+    def predict(exs):
+        return _predict(model, tokenizer, exs, rewards, code_ids=code_ids,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, backend=backend,
+                        reward_ctx=reward_ctx, desc=desc)  # fmt: skip
+
+    # under torchrun each rank decodes and scores its shard; the metrics are over all of them
+    preds = dist.map_shards(predict, list(examples))
+    n = len(preds)
+    metrics: Dict[str, Any] = {
+        "n": n,
+        "accuracy": sum(p["correct"] for p in preds) / n,
+        "answered": sum(p["answer"] is not None for p in preds) / n,
+    }
+    for name in rewards:
+        metrics[name] = sum(p[name] for p in preds) / n
+    return metrics, preds
+
+
+def _predict(model, tokenizer, examples, rewards, *, code_ids, max_new_tokens, batch_size,
+             backend, reward_ctx, desc) -> List[Dict[str, Any]]:  # fmt: skip
+    from .data import answer_matches, parse_target
+    from .rewards import compute_rewards
+
     texts = [
         t[0]
         for t in generate_targets(
@@ -148,21 +171,13 @@ def evaluate(
     ]
     scores = compute_rewards(dict(rewards), list(examples), rationales, answers,
                              **dict(reward_ctx or {}))  # fmt: skip
-    n = len(examples)
-    metrics: Dict[str, Any] = {
-        "n": n,
-        "accuracy": sum(correct) / n,
-        "answered": sum(a is not None for a in answers) / n,
-    }
-    for name, vals in scores.items():
-        metrics[name] = sum(vals) / n
     preds = []
     for i, ex in enumerate(examples):
         row = {"id": ex.id, "output": texts[i], "rationale": rationales[i], "answer": answers[i],
                "gold": ex.answer, "correct": bool(correct[i])}  # fmt: skip
         row.update({name: vals[i] for name, vals in scores.items()})
         preds.append(row)
-    return metrics, preds
+    return preds
 
 
 def summary_row(label: str, metrics: Mapping[str, Any], reward_names: Sequence[str]) -> dict:

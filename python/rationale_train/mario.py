@@ -61,7 +61,7 @@ import torch
 
 import rationale_kernels as rk
 
-from . import runs
+from . import dist, runs
 from .runs import derive_seed as _derive_seed
 from .runs import epoch_order as _epoch_order
 from .runs import progress
@@ -182,6 +182,12 @@ class MarioConfig:
     gen_batch_size: int = _f(256, "prompts per generation batch")
     eval_batch_size: int = _f(200, "prompts per evaluation batch")
     score_batch_size: int = _f(64, "rows per forward pass of model-based rewards")
+    parallel: str = _f(
+        "ddp",
+        "under torchrun: ddp (every rank holds the model) or fsdp (FSDP2: parameters, gradients "
+        "and optimizer state sharded over the ranks, gathered for generation)",
+        choices=["ddp", "fsdp"],
+    )
     save_every: int = _f(0, "also checkpoint every N steps (0: end of SFT and of each round)")
     keep_last: int = _f(2, "checkpoints kept")
 
@@ -218,9 +224,7 @@ def setup_torch(cfg: MarioConfig) -> torch.device:
     threads = cfg.threads if cfg.threads is not None else (1 if cfg.model is None else None)
     if threads:
         torch.set_num_threads(int(threads))
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    return dist.device(cfg.device)
 
 
 def load_split(cfg: MarioConfig, split: str):
@@ -376,43 +380,74 @@ def train_step(
     grad_clip: float = 0.0,
     backend: str = "auto",
     scheduler=None,
+    parallel: Optional[dist.Parallel] = None,
 ) -> Dict[str, float]:
     """One optimizer step on ``policy_rows`` (``(prompt_ids, target_ids)`` pairs) with
     ``rk.fused_linear_rationale_loss``; ``ref_rows`` are the same targets after the reference's
-    prompts (no codes). Returns the loss and its parts (means over the target tokens)."""
-    device = next(policy.parameters()).device
+    prompts (no codes). Returns the loss and its parts (means over the target tokens).
+
+    ``parallel`` (a :class:`dist.Parallel` of ``policy``): the rows are this rank's share of the
+    global batch; the loss is normalised by the global target-token count (all-reduced) over the
+    world size, as DDP / FSDP average gradients, so the step equals the one-process step on the
+    global batch. The returned figures are then those of the global batch."""
+    device = _device_of(policy)
     policy.train()
-    h, y = _target_hidden(policy, policy_rows, pad_id, device)
-    w, b = _head(policy)
     kw: Dict[str, Any] = {}
+    yr = None
     if ref is not None and kl_coef:
         with torch.no_grad():
             hr, yr = _target_hidden(ref, ref_rows, pad_id, device)
-        if not torch.equal(y, yr):
-            raise RuntimeError("policy and reference targets do not line up")
         wr, br = _head(ref)
         kw = dict(ref_hidden=hr, ref_weight=wr, ref_bias=br, kl_coef=float(kl_coef),
                   kl="full", kl_vocab=kl_vocab)  # fmt: skip
-    loss, stats = rk.fused_linear_rationale_loss(
-        h, w, y, bias=b, entropy_coef=float(entropy_coef), reduction="mean", return_stats=True,
-        backend=backend, **kw,
-    )  # fmt: skip
+    n_local = sum(len(t) - (0 if len(p) else 1) for p, t in policy_rows)
+    world = dist.world() if parallel is not None else 1
+    normalizer = None
+    if world > 1:
+        normalizer = max(dist.all_sum([n_local])[0], 1.0) / world
+
+    def loss_of(model):
+        h, y = _target_hidden(model, policy_rows, pad_id, device)
+        if yr is not None and not torch.equal(y, yr):
+            raise RuntimeError("policy and reference targets do not line up")
+        w, b = _head(model)
+        return rk.fused_linear_rationale_loss(
+            h, w, y, bias=b, entropy_coef=float(entropy_coef), reduction="mean",
+            normalizer=normalizer, return_stats=True, backend=backend, **kw,
+        )  # fmt: skip
+
+    loss, stats = parallel(loss_of) if parallel is not None else loss_of(policy)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     gnorm = None
     if grad_clip and grad_clip > 0:
-        gnorm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip))
+        params = parallel.parameters() if parallel is not None else policy.parameters()
+        gnorm = _float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    out = {"loss": float(loss.detach())}
-    for key in ("nll", "kl", "entropy"):
-        if key in stats:
-            out[key] = float(stats[key])
-    out["num_tokens"] = int(y.numel())
+    keys = [k for k in ("nll", "kl", "entropy") if k in stats]
+    vals = [float(loss.detach())] + [float(stats[k]) * n_local for k in keys] + [n_local]
+    if world > 1:  # global figures: the loss parts add up, the means are token-weighted
+        vals = dist.all_sum(vals)
+    n = vals[-1]
+    out = {"loss": vals[0] / world}  # each rank's part is scaled by the world size
+    out.update({k: v / max(n, 1) for k, v in zip(keys, vals[1:-1])})
+    out["num_tokens"] = int(n)
     if gnorm is not None:
         out["grad_norm"] = gnorm
     return out
+
+
+def _device_of(model) -> torch.device:
+    p = next(model.parameters())
+    return p.device
+
+
+def _float(x) -> float:
+    """A scalar tensor (or an FSDP DTensor's full value) as a float."""
+    full = getattr(x, "full_tensor", None)
+    return float(full() if callable(full) else x)
 
 
 # ------------------------------------------------------------------------------------ pool
@@ -483,7 +518,9 @@ def _build_base(cfg, texts, device):
 
     if cfg.model:
         return load_model(cfg.model, device=device, dtype=cfg.dtype)
-    tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)
+    # rank 0's tokenizer everywhere (BPE training need not be bit-identical between processes)
+    tok = dist.broadcast(train_tokenizer(texts, vocab_size=cfg.vocab_size) if dist.is_main()
+                         else None)  # fmt: skip
     model = tiny_llama(tok, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
                        num_heads=cfg.num_heads, seed=_derive_seed(cfg.seed, "init"),
                        dtype=cfg.dtype)  # fmt: skip
@@ -504,7 +541,7 @@ def _sft_schedule(optimizer, total: int, warmup: float):
 
 def _sft_phase(cfg, run_dir: Path, log, device, train, test, *, stop_after_sft_step=None):
     """SFT (resumable); saves ``RUN/sft_model`` and evaluates it. Returns False when stopped."""
-    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from .checkpoint import load_checkpoint, save_checkpoint
     from .data import format_example_target
     from .evaluate import prompt_ids
     from .models import save_pretrained_atomic
@@ -514,13 +551,15 @@ def _sft_phase(cfg, run_dir: Path, log, device, train, test, *, stop_after_sft_s
 
     texts = [format_input(e) + " " + format_example_target(e) for e in train]
     model, tok = _build_base(cfg, texts, device)
+    dist.check_batch(cfg.sft_batch_size, "sft_batch_size")
+    par = dist.Parallel(model, cfg.parallel)
     total = max(int(math.ceil(cfg.sft_epochs * len(train) / cfg.sft_batch_size)), 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(par.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     sched = _sft_schedule(opt, total, cfg.sft_warmup)
     start = 0
-    ck = latest_checkpoint(sft_run)
+    ck = _latest(sft_run)
     if ck is not None:
-        info = load_checkpoint(ck, model, opt, sched)
+        info = load_checkpoint(ck, par, opt, sched)
         start = int(info["step"])
         log.truncate(int(info["extra"]["metrics_lines"]))
         print(f"resumed SFT at step {start}/{total}")
@@ -530,18 +569,18 @@ def _sft_phase(cfg, run_dir: Path, log, device, train, test, *, stop_after_sft_s
     bar = progress(total=total, initial=start, desc="SFT")
     try:
         for step in range(start, total):
-            idx = order[step * cfg.sft_batch_size : (step + 1) * cfg.sft_batch_size]
+            idx = _mine(order[step * cfg.sft_batch_size : (step + 1) * cfg.sft_batch_size])
             lr = opt.param_groups[0]["lr"]
             st = train_step(model, opt, [rows[i] for i in idx], pad_id=pad,
                             grad_clip=cfg.grad_clip, backend=cfg.backend,
-                            scheduler=sched)  # fmt: skip
+                            scheduler=sched, parallel=par)  # fmt: skip
             log.log(phase="sft", step=step + 1, lr=lr, **st)
             bar.update(1)
             bar.set_postfix(loss=f"{st['loss']:.3f}")
             done = step + 1
             stop = stop_after_sft_step is not None and done >= stop_after_sft_step
             if done < total and ((cfg.save_every and done % cfg.save_every == 0) or stop):
-                save_checkpoint(sft_run, done, model, opt, sched,
+                save_checkpoint(sft_run, done, par, opt, sched,
                                 extra={"metrics_lines": len(log)},
                                 keep_last=cfg.keep_last)  # fmt: skip
             if stop and done < total:
@@ -549,8 +588,24 @@ def _sft_phase(cfg, run_dir: Path, log, device, train, test, *, stop_after_sft_s
     finally:
         bar.close()
     model.eval()
-    save_pretrained_atomic(model, tok, run_dir / SFT_DIR)
+    state, _ = par.gather_state()  # FSDP: the full weights on rank 0
+    if dist.is_main():
+        save_pretrained_atomic(model, tok, run_dir / SFT_DIR, state_dict=state)
+    dist.barrier()
     return True
+
+
+def _mine(batch: Sequence[int]) -> List[int]:
+    """This rank's share of a global batch (all of it in one process)."""
+    part = dist.shard(len(batch))
+    return list(batch[part.start : part.stop])
+
+
+def _latest(run_dir):
+    """The latest checkpoint as rank 0 sees it (every rank takes the same branch)."""
+    from .checkpoint import latest_checkpoint
+
+    return dist.from_main(lambda: latest_checkpoint(run_dir))
 
 
 # ------------------------------------------------------------------------------------ MaRio
@@ -563,19 +618,20 @@ def _active_rewards(cfg: MarioConfig, step: int) -> List[str]:
     return list(cfg.rewards[:n])
 
 
-def _sample_round(cfg, r, model, tok, code_ids, train, rewards, ctx):
-    """Sample, parse, filter (answer marker) and score; returns the new pool records."""
+def _sample_round(cfg, r, model, tok, code_ids, train, idxs):
+    """Sample for the training examples ``idxs`` (this rank's shard), parse and filter (answer
+    marker); returns the new pool records and the number sampled."""
     from .data import parse_target
     from .evaluate import generate_targets
 
     texts = generate_targets(
-        model, tok, train, code_ids, num_samples=cfg.samples_per_question,
+        model, tok, [train[i] for i in idxs], code_ids, num_samples=cfg.samples_per_question,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-        seed=_derive_seed(cfg.seed, "sample", r), batch_size=cfg.gen_batch_size,
+        seed=dist.rank_seed(_derive_seed(cfg.seed, "sample", r)), batch_size=cfg.gen_batch_size,
         backend=cfg.backend, desc=f"round {r}: sample",
-    )  # fmt: skip
+    ) if idxs else []  # fmt: skip
     recs = []
-    for i, outs in enumerate(texts):
+    for i, outs in zip(idxs, texts):
         for t in outs:
             rationale, answer = parse_target(t)
             if answer is None:
@@ -598,9 +654,10 @@ def _score(recs, train, rewards, ctx):
         r["rewards"] = {n: scores[n][j] for n in rewards}
 
 
-def _silver_records(train):
+def _silver_records(train, idxs):
     recs = []
-    for i, e in enumerate(train):
+    for i in idxs:
+        e = train[i]
         if not e.rationale:
             continue
         recs.append({"example": i, "round": 0, "source": "silver", "rationale": e.rationale,
@@ -626,21 +683,19 @@ def run_mario(
     metrics, "status", "elapsed_s", "run_dir"}``. ``stop_after_step`` /
     ``stop_after_sft_step`` checkpoint and stop early (``status="stopped"``; for tests and
     interrupted runs)."""
-    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from .checkpoint import load_checkpoint, save_checkpoint
     from .data import format_target
     from .evaluate import evaluate, leading_special_count, prompt_ids
 
     t_start = time.time()
     _quiet_transformers()
-    run_dir = runs.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    if not resume:
-        runs.save_config(run_dir, cfg)
-    device = setup_torch(cfg)
+    device = setup_torch(cfg)  # joins the process group under torchrun
+    run_dir = prepare_run(run_dir, cfg, resume, overwrite)
     train = load_split(cfg, "train")
     test = load_split(cfg, cfg.eval_split)
     if not train:
         raise ValueError("no training examples (with rationales)")
-    log = runs.MetricsLogger(run_dir / runs.METRICS_FILE)
+    log = runs.MetricsLogger(run_dir / runs.METRICS_FILE, write=dist.is_main())
     prior = _read_json(run_dir / "elapsed.json") or {}
     elapsed_before = float(prior.get("elapsed_s", 0.0)) if resume else 0.0
 
@@ -649,8 +704,9 @@ def run_mario(
 
     try:
         # ---- SFT
-        has_mario_ckpt = latest_checkpoint(run_dir) is not None
-        if not (run_dir / SFT_DIR / "config.json").is_file() and not has_mario_ckpt:
+        has_mario_ckpt = _latest(run_dir) is not None
+        has_sft = dist.from_main(lambda: (run_dir / SFT_DIR / "config.json").is_file())
+        if not has_sft and not has_mario_ckpt:
             if not resume:
                 log.log(phase="start", n_train=len(train), n_test=len(test))
             ok = _sft_phase(cfg, run_dir, log, device, train, test,
@@ -673,12 +729,14 @@ def run_mario(
 
         # ---- MaRio setup
         policy, tok, kl_vocab = _fresh_policy(run_dir, cfg)
-        opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
+        dist.check_batch(cfg.batch_size, "batch_size")
+        par = dist.Parallel(policy, cfg.parallel)
+        opt = torch.optim.AdamW(par.parameters(), lr=cfg.lr, weight_decay=0.0)
         pool = Pool.load(run_dir / POOL_FILE)
         step, rnd, rstep = 0, 0, 0
-        ck = latest_checkpoint(run_dir)
+        ck = _latest(run_dir)
         if ck is not None:
-            info = load_checkpoint(ck, policy, opt)
+            info = load_checkpoint(ck, par, opt)
             ex = info["extra"]
             step, rnd, rstep = int(ex["step"]), int(ex["round"]), int(ex["round_step"])
             pool.truncate(int(ex["pool_size"]))
@@ -708,16 +766,22 @@ def run_mario(
             sampled_this_round = any(rec["round"] == r for rec in pool.records)
             if not sampled_this_round:
                 t0 = time.time()
+                mine = list(dist.shard(len(train)))  # this rank's questions
                 if r == 0:
-                    recs, n_s = _sample_round(cfg, r, ref, base_tok, [], train, rewards, ctx)
-                    silver = _silver_records(train) if cfg.add_silver else []
+                    recs, n_s = _sample_round(cfg, r, ref, base_tok, [], train, mine)
+                    silver = _silver_records(train, mine) if cfg.add_silver else []
                 else:
                     code = best_code_ids(tok, _active_rewards(cfg, step), cfg.k)
-                    recs, n_s = _sample_round(cfg, r, policy, tok, code, train, rewards, ctx)
+                    with par.gathered() as m:
+                        recs, n_s = _sample_round(cfg, r, m, tok, code, train, mine)
                     silver = []
                 _score(silver + recs, train, rewards, ctx)
+                # the whole round, in question order, on every rank
+                silver, recs = dist.gather(silver), dist.gather(recs)
+                n_s = int(dist.all_sum([n_s])[0])
                 pool.add(silver + recs)
-                pool.save(run_dir / POOL_FILE)
+                if dist.is_main():
+                    pool.save(run_dir / POOL_FILE)
                 rec_log = {"phase": "round", "round": r, "step": step, "sampled": n_s,
                            "kept": len(recs), "silver": len(silver), "pool_size": len(pool),
                            "seconds": round(time.time() - t0, 2)}  # fmt: skip
@@ -742,7 +806,7 @@ def run_mario(
             try:
                 for s in range(rstep, cfg.steps_per_round):
                     active = _active_rewards(cfg, step)
-                    idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+                    idx = _mine(order[s * cfg.batch_size : (s + 1) * cfg.batch_size])
                     prow, rrow = [], []
                     for i in idx:
                         e = pool.records[i]["example"]
@@ -752,7 +816,8 @@ def run_mario(
                         rrow.append((q, target_of(i)))
                     st = train_step(policy, opt, prow, pad_id=pad, ref=ref, ref_rows=rrow,
                                     kl_coef=cfg.beta, kl_vocab=kl_vocab, entropy_coef=cfg.alpha,
-                                    grad_clip=cfg.grad_clip, backend=cfg.backend)  # fmt: skip
+                                    grad_clip=cfg.grad_clip, backend=cfg.backend,
+                                    parallel=par)  # fmt: skip
                     step += 1
                     log.log(phase="mario", step=step, round=r, active=len(active), **st)
                     bar.update(1)
@@ -760,7 +825,7 @@ def run_mario(
                     stop = stop_after_step is not None and step >= stop_after_step
                     last = s + 1 == cfg.steps_per_round
                     if not last and ((cfg.save_every and step % cfg.save_every == 0) or stop):
-                        _save(save_checkpoint, run_dir, step, policy, opt, cfg, r, s + 1, pool,
+                        _save(save_checkpoint, run_dir, step, par, opt, cfg, r, s + 1, pool,
                               log)  # fmt: skip
                     if stop and not last:
                         _write_json(run_dir / "elapsed.json", {"elapsed_s": elapsed()})
@@ -770,15 +835,16 @@ def run_mario(
                 bar.close()
             rstep = 0
             if cfg.eval_each_round or r == cfg.rounds - 1:
-                m, preds = evaluate(policy, tok, test, rewards, code_ids=best_all,
-                                    max_new_tokens=cfg.max_new_tokens,
-                                    batch_size=cfg.eval_batch_size, backend=cfg.backend,
-                                    reward_ctx=ctx, desc=f"round {r}: eval")  # fmt: skip
+                with par.gathered() as pm:
+                    m, preds = evaluate(pm, tok, test, rewards, code_ids=best_all,
+                                        max_new_tokens=cfg.max_new_tokens,
+                                        batch_size=cfg.eval_batch_size, backend=cfg.backend,
+                                        reward_ctx=ctx, desc=f"round {r}: eval")  # fmt: skip
                 log.log(phase="eval", model="mario", round=r, step=step, **m)
                 print(f"round {r} MaRio:", _fmt_metrics(m, cfg.rewards))
                 if r == cfg.rounds - 1:
                     final_metrics = {"metrics": m, "predictions": preds[:50]}
-            _save(save_checkpoint, run_dir, step, policy, opt, cfg, r, cfg.steps_per_round, pool,
+            _save(save_checkpoint, run_dir, step, par, opt, cfg, r, cfg.steps_per_round, pool,
                   log)  # fmt: skip
             if stop_after_step is not None and step >= stop_after_step and r + 1 < cfg.rounds:
                 _write_json(run_dir / "elapsed.json", {"elapsed_s": elapsed()})
@@ -790,10 +856,11 @@ def run_mario(
             if prev and prev.get("mario") and cfg.rounds > 0:
                 final_metrics = {"metrics": prev["mario"]}
             else:
-                m, preds = evaluate(policy, tok, test, rewards, code_ids=best_all,
-                                    max_new_tokens=cfg.max_new_tokens,
-                                    batch_size=cfg.eval_batch_size, backend=cfg.backend,
-                                    reward_ctx=ctx, desc="eval MaRio")  # fmt: skip
+                with par.gathered() as pm:
+                    m, preds = evaluate(pm, tok, test, rewards, code_ids=best_all,
+                                        max_new_tokens=cfg.max_new_tokens,
+                                        batch_size=cfg.eval_batch_size, backend=cfg.backend,
+                                        reward_ctx=ctx, desc="eval MaRio")  # fmt: skip
                 log.log(phase="eval", model="mario", round=cfg.rounds - 1, step=step, **m)
                 final_metrics = {"metrics": m, "predictions": preds[:50]}
         total_s = elapsed()
@@ -803,7 +870,8 @@ def run_mario(
                   "mario": final_metrics["metrics"] if final_metrics else None,
                   "pool_size": len(pool), "steps": step}  # fmt: skip
         _write_json(run_dir / RESULT_FILE, result)
-        _write_summary(run_dir, cfg, result, runs.read_metrics(run_dir))
+        if dist.is_main():
+            _write_summary(run_dir, cfg, result, runs.read_metrics(run_dir))
         log.log(phase="done", elapsed_s=round(total_s, 1))
         print(f"done in {total_s:.0f} s; summary: {run_dir / runs.SUMMARY_FILE}")
         return result
@@ -844,16 +912,35 @@ def _save(save_checkpoint, run_dir, step, policy, opt, cfg, r, rstep, pool, log)
 
 
 def _read_json(path: Path):
-    path = Path(path)
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text(encoding="utf-8"))
+    """A JSON file of the run folder as rank 0 reads it (``None`` when absent); every rank
+    calls it at the same point and gets the same value."""
+
+    def read():
+        p = Path(path)
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+
+    return dist.from_main(read)
 
 
 def _write_json(path: Path, obj) -> None:
+    """Rank 0 writes the run folder; the others wait, so a later read sees the file."""
     from .evaluate import _finite
 
-    runs.write_text_atomic(path, json.dumps(_finite(obj), indent=1) + "\n")
+    if dist.is_main():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        runs.write_text_atomic(path, json.dumps(_finite(obj), indent=1) + "\n")
+    dist.barrier()
+
+
+def prepare_run(run_dir, cfg, resume: bool, overwrite: bool) -> Path:
+    """Rank 0 creates (or checks, for ``resume``) the run folder and writes the config; the
+    other ranks wait for it."""
+    if dist.is_main():
+        run_dir = runs.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+        if not resume:
+            runs.save_config(run_dir, cfg)
+    dist.barrier()
+    return Path(run_dir)
 
 
 def _fmt_metrics(m: Dict[str, Any], names: Sequence[str]) -> str:
@@ -940,8 +1027,14 @@ def config_from_args(args: argparse.Namespace) -> MarioConfig:
 
 
 def _resolve_run_dir(args, command: str) -> Path:
+    """The run folder: ``--run-dir``, else (decided by rank 0 under torchrun) the newest
+    ``runs/<command>-*`` for ``--resume`` or a new timestamped one."""
     if args.run_dir:
         return Path(args.run_dir)
+    return dist.from_main(lambda: _default_run_dir(args, command))
+
+
+def _default_run_dir(args, command: str) -> Path:
     if args.resume:
         found = sorted(Path("runs").glob(f"{command}-*"))
         if not found:
@@ -956,7 +1049,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     run_dir = _resolve_run_dir(args, "mario")
     args.run_dir = str(run_dir)
     cfg = config_from_args(args)
-    if args.resume:
+    if args.resume and dist.is_main():
         runs.save_config(run_dir, cfg)
     return run_mario(cfg, run_dir, resume=args.resume, overwrite=args.overwrite,
                      stop_after_step=args.stop_after_step,
@@ -969,7 +1062,7 @@ def run_sft(args: argparse.Namespace) -> Dict[str, Any]:
     args.run_dir = str(run_dir)
     cfg = config_from_args(args)
     cfg.rounds = 0
-    if args.resume:
+    if args.resume and dist.is_main():
         runs.save_config(run_dir, cfg)
     return run_mario(cfg, run_dir, resume=args.resume, overwrite=args.overwrite,
                      stop_after_sft_step=args.stop_after_sft_step)  # fmt: skip

@@ -376,12 +376,15 @@ def add_control_tokens(model, tokenizer, tokens: Sequence[str], seed: int = 0) -
 # atomic save
 
 
-def save_pretrained_atomic(model, tokenizer, path: Union[str, os.PathLike]) -> Path:
+def save_pretrained_atomic(
+    model, tokenizer, path: Union[str, os.PathLike], state_dict: Optional[dict] = None
+) -> Path:
     """``save_pretrained`` of ``model`` (safetensors) and ``tokenizer`` into ``path`` so that
     ``path`` is either absent, the old complete directory, or the new complete directory: both are
     written and fsynced in a hidden temporary sibling, which is then renamed onto ``path``. An
     existing ``path`` is first renamed aside and removed after the swap (a crash in between leaves
     the previous version in a hidden ``.{name}.old-*`` sibling). Reload with :func:`load_model`.
+    ``state_dict`` replaces the model's own (e.g. the full state gathered from FSDP shards).
     """
     from .checkpoint import fsync_dir, fsync_tree
 
@@ -389,7 +392,7 @@ def save_pretrained_atomic(model, tokenizer, path: Union[str, os.PathLike]) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         fsync_tree(tmp)

@@ -168,10 +168,16 @@ class MetricsLogger:
     attempted) is added to each record unless it has one. Use as a context manager or ``close()``.
     """
 
-    def __init__(self, path: PathLike, *, add_time: bool = True):
+    def __init__(self, path: PathLike, *, add_time: bool = True, write: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.write = write  # False: count records only (ranks other than 0 under torchrun)
         self._count = len(read_metrics(self.path)) if self.path.is_file() else 0
+        if not write:
+            self._f = open(os.devnull, "w", encoding="utf-8")
+            self._t0 = time.time()
+            self.add_time = add_time
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._f = open(self.path, "a", encoding="utf-8")
         self._t0 = time.time()
         self.add_time = add_time
@@ -192,6 +198,9 @@ class MetricsLogger:
 
     def truncate(self, n: int) -> None:
         """Keep only the first ``n`` records (rewritten atomically)."""
+        if not self.write:
+            self._count = min(self._count, max(int(n), 0))
+            return
         rows = read_metrics(self.path)[: max(int(n), 0)]
         self._f.close()
         write_jsonl_atomic(self.path, rows)
@@ -303,6 +312,10 @@ def set_progress_enabled(enabled: Optional[bool]) -> None:
 def _progress_on(disable: Optional[bool]) -> bool:
     if disable is not None:
         return not disable
+    from . import dist
+
+    if not dist.is_main():  # one set of bars per run: rank 0's
+        return False
     if _PROGRESS_ENABLED is not None:
         return _PROGRESS_ENABLED
     if os.environ.get("RATIONALE_TRAIN_NO_PROGRESS"):

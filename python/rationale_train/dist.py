@@ -1,0 +1,338 @@
+"""Scale-out: the MaRio and COLLATE loops under ``torchrun`` (torch.distributed, DDP or FSDP2).
+
+``torchrun --nproc-per-node N $(command -v rationale-train) mario ...`` starts N copies of the same
+command; :func:`init` joins them into one process group from torchrun's environment (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR/PORT``): nccl when the run's device is CUDA (rank r
+uses ``cuda:LOCAL_RANK``), gloo on CPU. Without that environment nothing changes: one process, no
+process group, identical results to before.
+
+How the loops use it (every rank runs the same code):
+
+- **data**: every rank builds the same example lists and takes a contiguous shard by index
+  (:func:`shard`); the global batch of a step is drawn from the same seeded order on every rank
+  and split by :func:`shard` too, so the union of the ranks' rows is the one-process batch;
+- **generation / scoring / evaluation** (:func:`map_shards`): each rank handles its shard and the
+  results are gathered in rank order, so rewards, quantisation and pairing see the whole pool as
+  one process would (sampling draws use per-rank seeds, :func:`rank_seed`);
+- **training** (:class:`Parallel`): DDP by default, or FSDP2 (``fully_shard``) per decoder layer
+  and at the root. The loss normaliser (target tokens for MaRio, pairs for COLLATE) is summed over
+  the ranks (:func:`all_sum`) and passed as ``normalizer = global / world`` (DDP and FSDP average
+  gradients over ranks), so the gradient equals the one-process gradient of the global batch;
+- **files**: only rank 0 writes (checkpoints hold full state dicts, so a run resumes under any
+  world size); the run folder must be visible to every rank (one machine, or a shared
+  filesystem); other ranks wait at :func:`barrier` before reading what rank 0 wrote.
+
+A rank that raises stops the run: ``torchrun`` tears down the other ranks (they would otherwise
+block in their next collective) and prints the failing rank's traceback, recorded by
+``torch.distributed.elastic.multiprocessing.errors.record`` on the CLI's entry point. Checkpoints
+are published atomically, so an interrupted save never becomes the latest one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from typing import Any, Callable, Iterator, List, Optional, Sequence
+
+import torch
+import torch.distributed as tdist
+
+__all__ = [
+    "Parallel",
+    "active",
+    "all_sum",
+    "barrier",
+    "broadcast",
+    "check_batch",
+    "device",
+    "from_main",
+    "gather",
+    "init",
+    "is_main",
+    "map_shards",
+    "rank",
+    "rank_seed",
+    "shard",
+    "shutdown",
+    "world",
+]
+
+# generous: a rank may spend long stretches alone (rank 0 writing a checkpoint or a summary)
+TIMEOUT = datetime.timedelta(minutes=int(os.environ.get("RATIONALE_TRAIN_DIST_TIMEOUT_MIN", "60")))
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher setting its env)."""
+    return "WORLD_SIZE" in os.environ and "RANK" in os.environ
+
+
+def init() -> None:
+    """Join torchrun's process group (idempotent; nothing without a launcher). CPU tensors go
+    through gloo and, where CUDA is available, CUDA tensors through nccl, with rank r on
+    ``cuda:LOCAL_RANK``."""
+    if not launched() or tdist.is_initialized():
+        return
+    backend = "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        backend = "cpu:gloo,cuda:nccl"
+    tdist.init_process_group(backend=backend, timeout=TIMEOUT)
+
+
+def device(name: str = "cpu") -> torch.device:
+    """The device this rank runs on for a run configured with ``name`` (``auto`` picks CUDA when
+    available): under a launcher a CUDA device becomes ``cuda:LOCAL_RANK``."""
+    init()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda" and launched():
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return dev
+
+
+def shutdown() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def active() -> bool:
+    return tdist.is_available() and tdist.is_initialized()
+
+
+def rank() -> int:
+    return tdist.get_rank() if active() else 0
+
+
+def world() -> int:
+    return tdist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if active():
+        tdist.barrier()
+
+
+def rank_seed(seed: int, *parts: Any) -> int:
+    """This rank's seed for a random stream of the run: ``seed`` itself in one process (so a
+    one-process run is unchanged), distinct per rank otherwise."""
+    from .runs import derive_seed
+
+    return int(seed) if world() == 1 else derive_seed(seed, *parts, "rank", rank())
+
+
+def shard(n: int, r: Optional[int] = None, w: Optional[int] = None) -> range:
+    """The contiguous block of ``range(n)`` rank ``r`` (default: this rank) handles; blocks
+    differ in size by at most one and concatenate, in rank order, to ``range(n)``."""
+    r = rank() if r is None else r
+    w = world() if w is None else w
+    return range(r * n // w, (r + 1) * n // w)
+
+
+def gather(items: Sequence[Any]) -> List[Any]:
+    """Every rank's ``items`` concatenated in rank order (picklable objects)."""
+    if not active():
+        return list(items)
+    parts: List[Any] = [None] * world()
+    tdist.all_gather_object(parts, list(items))
+    return [x for p in parts for x in p]
+
+
+def map_shards(fn: Callable[[List[Any]], Sequence[Any]], items: Sequence[Any]) -> List[Any]:
+    """``fn(items)`` computed as ``fn`` of each rank's shard, gathered in order. ``fn`` maps a
+    list to a list of the same length and is not called on an empty shard."""
+    mine = list(items[shard(len(items)).start : shard(len(items)).stop])
+    out = list(fn(mine)) if mine else []
+    if len(out) != len(mine):
+        raise RuntimeError(f"map_shards: fn returned {len(out)} results for {len(mine)} items")
+    return gather(out)
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (picklable)."""
+    if not active():
+        return obj
+    box = [obj if is_main() else None]
+    tdist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def from_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` evaluated on rank 0 and broadcast: for a decision every rank must take alike,
+    such as what the run folder already holds (rank 0 may be writing it meanwhile)."""
+    return broadcast(fn() if is_main() else None)
+
+
+def all_sum(values: Sequence[float]) -> List[float]:
+    """Element-wise sum of ``values`` over the ranks (float64)."""
+    if not active():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)  # gloo
+    tdist.all_reduce(t)
+    return t.tolist()
+
+
+def check_batch(size: int, name: str) -> None:
+    """Every rank needs rows: DDP and FSDP run the forward on each rank every step."""
+    if size < world():
+        raise ValueError(f"{name}={size} is smaller than the world size {world()}: every rank "
+                         "needs at least one row per step")  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------- wrapping
+
+
+class _Call(torch.nn.Module):
+    """``forward(fn, *args)`` = ``fn(model, *args)``: a whole loss computation (body, fused head
+    loss) as the forward of one module, so DDP's and FSDP's forward hooks see every parameter the
+    step uses, the LM head's weight that the fused loss reads directly included."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard  # torch >= 2.6
+    except ImportError:  # torch 2.4 / 2.5
+        from torch.distributed._composable.fsdp import fully_shard
+    return fully_shard
+
+
+def _decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
+    """The repeated blocks FSDP shards one by one (Hugging Face's ``_no_split_modules``)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+class Parallel:
+    """A model set up for data-parallel training. ``parallel(fn, *args)`` returns
+    ``fn(model, *args)`` computed inside the wrapper's forward (so DDP / FSDP synchronise the
+    gradients of the following ``backward``); :attr:`model` is the Hugging Face model itself (for
+    generation, see :meth:`gathered`). ``mode``: ``"ddp"``, ``"fsdp"``, or ``"none"`` (no
+    wrapping; also what every mode becomes without a process group)."""
+
+    def __init__(self, model: torch.nn.Module, mode: str = "ddp"):
+        if mode not in ("ddp", "fsdp", "none"):
+            raise ValueError(f"parallel mode must be ddp, fsdp or none, got {mode!r}")
+        self.model = model
+        self.mode = mode if active() else "none"
+        # tied weights (an LM head sharing the embedding): alias name -> the name kept
+        kept = {id(p): n for n, p in model.named_parameters()}
+        self._aliases = {n: kept[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
+                         if kept[id(p)] != n}  # fmt: skip
+        call = _Call(model)
+        if self.mode == "ddp":
+            dev = next(model.parameters()).device
+            ids = [dev.index] if dev.type == "cuda" else None
+            self._fwd = torch.nn.parallel.DistributedDataParallel(call, device_ids=ids)
+        elif self.mode == "fsdp":
+            fully_shard = _fully_shard()
+            layers = _decoder_layers(model)
+            if not layers:
+                raise ValueError(f"fsdp: {type(model).__name__} names no decoder layer class in "
+                                 "_no_split_modules")  # fmt: skip
+            for m in layers:
+                fully_shard(m)
+            fully_shard(call)
+            self._fwd = call
+        else:
+            self._fwd = call
+
+    def __call__(self, fn, *args, **kwargs):
+        return self._fwd(fn, *args, **kwargs)
+
+    def parameters(self):
+        """The parameters the optimizer updates (FSDP: the local shards)."""
+        return [p for p in self._fwd.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def gathered(self) -> Iterator[torch.nn.Module]:
+        """The model with full weights on every rank, for generation and scoring, whose forward
+        count differs between ranks (FSDP would all-gather per layer call): FSDP modules are
+        unsharded once and kept so until the block ends. DDP / none: the model as is."""
+        if self.mode != "fsdp":
+            yield self.model
+            return
+        mods = [m for m in self._fwd.modules() if hasattr(m, "unshard")]
+        for m in mods:
+            m.set_reshard_after_forward(False)
+        for m in mods:
+            m.unshard()
+        try:
+            yield self.model
+        finally:
+            for m in mods:
+                m.reshard()
+                m.set_reshard_after_forward(True)
+
+    def gather_state(self, optimizer=None):
+        """``(model_state, optimizer_state)`` in one-process form, for a checkpoint that resumes
+        under any world size and mode: FSDP gathers the full state (a collective: every rank
+        calls it) and returns it on rank 0 (``None, None`` elsewhere): the model's keys with tied
+        aliases dropped (as ``safetensors.save_model`` writes them) and the optimizer state keyed
+        by parameter index like ``optimizer.state_dict()``. DDP / none: ``(None, None)``, the
+        model and optimizer are complete on every rank."""
+        if self.mode != "fsdp":
+            return None, None
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        msd = get_model_state_dict(self._fwd, options=opts)
+        osd = get_optimizer_state_dict(self._fwd, optimizer, options=opts) if optimizer else None
+        if not is_main():
+            return None, None
+        msd = {k[len(_PREFIX):]: v for k, v in msd.items()}
+        msd = {k: v for k, v in msd.items() if k not in self._aliases}
+        if osd is not None:
+            index = {n: i for i, n in enumerate(self._names())}
+            osd = {"state": {index[n]: v for n, v in osd["state"].items()},
+                   "param_groups": [dict(g, params=[index[n] for n in g["params"]])
+                                    for g in osd["param_groups"]]}  # fmt: skip
+        return msd, osd
+
+    def load_state(self, model_state: dict, optimizer_state=None, optimizer=None) -> None:
+        """Put a one-process state (as :meth:`gather_state` returns, or a single process saves)
+        into the model and optimizer; under FSDP every rank calls it with the full state and keeps
+        its shard."""
+        if self.mode != "fsdp":
+            self.model.load_state_dict(model_state, strict=False)
+            if optimizer is not None and optimizer_state is not None:
+                optimizer.load_state_dict(optimizer_state)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True)
+        msd = dict(model_state)
+        for alias, kept in self._aliases.items():
+            msd.setdefault(alias, msd[kept])
+        set_model_state_dict(self._fwd, {_PREFIX + k: v for k, v in msd.items()}, options=opts)
+        if optimizer is not None and optimizer_state is not None:
+            names = self._names()
+            osd = {"state": {names[int(i)]: v for i, v in optimizer_state["state"].items()},
+                   "param_groups": [dict(g, params=[names[int(i)] for i in g["params"]])
+                                    for g in optimizer_state["param_groups"]]}  # fmt: skip
+            set_optimizer_state_dict(self._fwd, optimizer, osd, options=opts)
+
+    def _names(self) -> List[str]:
+        return [n for n, p in self._fwd.named_parameters() if p.requires_grad]
+
+
+_PREFIX = "model."  # _Call's child

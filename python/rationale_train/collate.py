@@ -61,7 +61,6 @@ import argparse
 import contextlib
 import copy
 import dataclasses
-import json
 import math
 import os
 import time
@@ -73,7 +72,16 @@ import torch
 import rationale_kernels as rk
 
 from . import dist, runs
-from .mario import _build_base, _f, _float, _freeze, _read_json, _sft_schedule
+from .mario import (
+    _build_base,
+    _f,
+    _float,
+    _freeze,
+    _read_json,
+    _sft_schedule,
+    _write_json,
+    prepare_run,
+)
 from .runs import derive_seed as _derive_seed
 from .runs import epoch_order as _epoch_order
 from .runs import progress
@@ -204,6 +212,13 @@ class CollateConfig:
                                "stage 1 and every round")  # fmt: skip
     gen_batch_size: int = _f(256, "prompts per generation batch")
     score_batch_size: int = _f(64, "rows per scoring forward pass")
+    parallel: str = _f(
+        "ddp",
+        "under torchrun: ddp (every rank holds the models) or fsdp (FSDP2 per provider and for "
+        "SFT: parameters, gradients and optimizer state sharded, gathered for generation; "
+        "provider_mode full only)",
+        choices=["ddp", "fsdp"],
+    )
     save_every: int = _f(0, "also checkpoint every N steps of a unit (0: at unit ends only)")
     keep_last: int = _f(2, "checkpoints kept per unit")
 
@@ -221,6 +236,11 @@ class CollateConfig:
             raise ValueError(f"rounds must be an int >= 0, got {self.rounds!r}")
         if self.provider_mode not in ("full", "lora"):
             raise ValueError(f"provider_mode must be full or lora, got {self.provider_mode!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
+        if self.parallel == "fsdp" and self.provider_mode == "lora":
+            raise ValueError("parallel=fsdp needs provider_mode=full (LoRA providers share one "
+                             "base model; use ddp)")  # fmt: skip
         if self.answerer not in ("sft", "provider"):
             raise ValueError(f"answerer must be sft or provider, got {self.answerer!r}")
         if not 0.0 <= self.rationale_fraction <= 1.0:
@@ -241,9 +261,7 @@ def setup_torch(cfg: CollateConfig) -> torch.device:
         torch.set_num_threads(int(cfg.threads))
     elif not cfg.model and cfg.device in ("cpu", "auto") and not torch.cuda.is_available():
         torch.set_num_threads(1)
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    return dist.device(cfg.device)
 
 
 def _answer_text(answer: str) -> str:
@@ -378,6 +396,7 @@ class Providers:
                  lora_alpha: float = 32.0, lora_targets: Sequence[str] = ("q_proj", "v_proj"),
                  seed: int = 0):  # fmt: skip
         self.num, self.mode = int(num), mode
+        self._par: Dict[int, dist.Parallel] = {}
         if mode == "full":
             self.models = []
             for _ in range(self.num):
@@ -401,6 +420,27 @@ class Providers:
             self.peft = pm.eval()
         else:
             raise ValueError(f"unknown provider mode {mode!r}")
+
+    def parallel(self, s: int, mode: str) -> dist.Parallel:
+        """Provider ``s`` set up for data-parallel training (made once: FSDP shards in place)."""
+        if s not in self._par:
+            if mode == "fsdp" and self.mode == "lora":
+                raise ValueError("parallel='fsdp' needs provider_mode='full' (LoRA providers "
+                                 "share one base model; use ddp)")  # fmt: skip
+            self._par[s] = dist.Parallel(self.model(s), mode)
+        self.model(s)
+        return self._par[s]
+
+    @contextlib.contextmanager
+    def use(self, s: int):
+        """Provider ``s``'s model with full weights, for generation and scoring (FSDP: gathered
+        on every rank for the block)."""
+        m = self.model(s)
+        if s in self._par:
+            with self._par[s].gathered() as g:
+                yield g
+        else:
+            yield m
 
     def model(self, s: int):
         """Provider ``s``'s model (for LoRA: the shared model with adapter ``p{s}`` active and the
@@ -432,12 +472,25 @@ class Providers:
 
     def save(self, s: int, path) -> None:
         """Provider ``s``'s weights (full model, or its adapter) to ``path`` (safetensors,
-        atomic)."""
+        atomic). Under torchrun every rank calls it (FSDP gathers) and rank 0 writes."""
+
+        state = self._par[s].gather_state()[0] if s in self._par else None
+        if not dist.is_main():
+            dist.barrier()
+            return
+        try:
+            self._save(s, Path(path), state)
+        finally:
+            dist.barrier()
+
+    def _save(self, s: int, path: Path, state) -> None:
         from safetensors.torch import save_file, save_model
 
-        path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        if self.mode == "full":
+        if state is not None:  # gathered from FSDP shards
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp),
+                      metadata={"format": "pt"})  # fmt: skip
+        elif self.mode == "full":
             save_model(self.models[s], str(tmp), metadata={"format": "pt"})
         else:
             save_file({k: v.contiguous() for k, v in self.state(s).items()}, str(tmp),
@@ -449,7 +502,9 @@ class Providers:
     def load(self, s: int, path) -> None:
         from safetensors.torch import load_file, load_model
 
-        if self.mode == "full":
+        if s in self._par and self._par[s].mode == "fsdp":
+            self._par[s].load_state(load_file(str(path)))
+        elif self.mode == "full":
             load_model(self.models[s], str(path), strict=True)
         else:
             from peft import set_peft_model_state_dict
@@ -491,6 +546,19 @@ def sequence_logps(model, rows, *, pad_id: int, batch_size: int = 64, backend: s
     finally:
         model.train(was_training)
     return out
+
+
+def _all_answer_logprobs(model, rows, **kw) -> torch.Tensor:
+    """:func:`answer_logprobs` of every row, each rank scoring its shard (a collective under
+    torchrun)."""
+    out = dist.map_shards(lambda sub: answer_logprobs(model, sub, **kw).tolist(), list(rows))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def _all_sequence_logps(model, rows, **kw) -> torch.Tensor:
+    """:func:`sequence_logps` of every row, sharded like :func:`_all_answer_logprobs`."""
+    out = dist.map_shards(lambda sub: sequence_logps(model, sub, **kw).tolist(), list(rows))
+    return torch.tensor(out, dtype=torch.float32)
 
 
 def dpo_step(
@@ -693,8 +761,8 @@ class _Run:
 
 
 def _sft_phase(R: _Run, device, train, with_rat) -> None:
-    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from .mario import train_step
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .mario import _latest, _mine, train_step
     from .models import save_pretrained_atomic
 
     cfg = R.cfg
@@ -703,12 +771,14 @@ def _sft_phase(R: _Run, device, train, with_rat) -> None:
     T = _Tok(tok)
     rows = _sft_rows(T, train, with_rat)
     total = max(int(math.ceil(cfg.sft_epochs * len(rows) / cfg.sft_batch_size)), 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    dist.check_batch(cfg.sft_batch_size, "sft_batch_size")
+    par = dist.Parallel(model, cfg.parallel)
+    opt = torch.optim.AdamW(par.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
     sched = _sft_schedule(opt, total, cfg.sft_warmup)
     start = 0
-    ck = latest_checkpoint(sft_run)
+    ck = _latest(sft_run)
     if ck is not None:
-        info = load_checkpoint(ck, model, opt, sched)
+        info = load_checkpoint(ck, par, opt, sched)
         start = int(info["step"])
         R.log.truncate(int(info["extra"]["metrics_lines"]))
         print(f"resumed SFT at step {start}/{total}")
@@ -718,18 +788,18 @@ def _sft_phase(R: _Run, device, train, with_rat) -> None:
     bar = progress(total=total, initial=start, desc="stage 0: multi-mode SFT")
     try:
         for step in range(start, total):
-            idx = order[step * cfg.sft_batch_size : (step + 1) * cfg.sft_batch_size]
+            idx = _mine(order[step * cfg.sft_batch_size : (step + 1) * cfg.sft_batch_size])
             lr = opt.param_groups[0]["lr"]
             st = train_step(model, opt, [rows[i] for i in idx], pad_id=T.pad,
                             grad_clip=cfg.grad_clip, backend=cfg.backend,
-                            scheduler=sched)  # fmt: skip
+                            scheduler=sched, parallel=par)  # fmt: skip
             R.log.log(phase="sft", step=step + 1, lr=lr, **st)
             bar.update(1)
             bar.set_postfix(loss=f"{st['loss']:.3f}")
             done = step + 1
             stop = R.stop_after_sft is not None and done >= R.stop_after_sft
             if done < total and ((cfg.save_every and done % cfg.save_every == 0) or stop):
-                save_checkpoint(sft_run, done, model, opt, sched,
+                save_checkpoint(sft_run, done, par, opt, sched,
                                 extra={"metrics_lines": len(R.log)},
                                 keep_last=cfg.keep_last)  # fmt: skip
             if stop and done < total:
@@ -737,8 +807,10 @@ def _sft_phase(R: _Run, device, train, with_rat) -> None:
     finally:
         bar.close()
     model.eval()
-    save_pretrained_atomic(model, tok, R.run_dir / SFT_DIR)
-    R.mark(sft_done=True)
+    state, _ = par.gather_state()  # FSDP: the full weights on rank 0
+    if dist.is_main():
+        save_pretrained_atomic(model, tok, R.run_dir / SFT_DIR, state_dict=state)
+    R.mark(sft_done=True)  # (a barrier: every rank then reads the saved model)
 
 
 def _generate_rationales(
@@ -759,18 +831,23 @@ def _generate_rationales(
 
     if not examples:
         return []
-    prompts = [T.prompt(format_prompt("rationale", format_input(e))) for e in examples]
-    was = model.training
-    model.eval()
-    try:
-        cands = generate_candidates(
-            model, T.tok, prompts, n, cfg.max_new_tokens, temperature=temperature, top_p=top_p,
-            seed=seed, eos_token_id=T.eos, batch_size=cfg.gen_batch_size, return_logprobs=False,
-            backend=cfg.backend, stop_strings=[" Answer:"],
-        )  # fmt: skip
-    finally:
-        model.train(was)
-    return [[t.strip() for t in ts] for ts in cands.texts_by_prompt()]
+
+    def gen(exs):  # this rank's shard (seeds differ per rank)
+        prompts = [T.prompt(format_prompt("rationale", format_input(e))) for e in exs]
+        was = model.training
+        model.eval()
+        try:
+            cands = generate_candidates(
+                model, T.tok, prompts, n, cfg.max_new_tokens, temperature=temperature,
+                top_p=top_p, seed=dist.rank_seed(seed), eos_token_id=T.eos,
+                batch_size=cfg.gen_batch_size, return_logprobs=False, backend=cfg.backend,
+                stop_strings=[" Answer:"],
+            )  # fmt: skip
+        finally:
+            model.train(was)
+        return [[t.strip() for t in ts] for ts in cands.texts_by_prompt()]
+
+    return dist.map_shards(gen, list(examples))
 
 
 def _score_rows(T: _Tok, examples, rationales: Sequence[Optional[str]]):
@@ -798,20 +875,22 @@ def _train_unit(
 ) -> Dict[str, Any]:
     """DPO-train provider ``s`` on ``data`` (``rows`` texts, ``ref_logps``, ``pairs``), resumable;
     returns the unit's summary."""
-    from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .mario import _latest
 
     cfg = R.cfg
     udir = R.run_dir / UNITS_DIR / unit
     pairs = torch.tensor(data["pairs"], dtype=torch.long).reshape(-1, 2)
     P = int(pairs.shape[0])
     total = int(math.ceil(epochs * P / cfg.dpo_batch_size)) if P else 0
+    par = providers.parallel(s, cfg.parallel)  # its .model is providers.checkpoint_module(s)
     model = providers.model(s)
     params = providers.parameters(s)
     opt = torch.optim.AdamW(params, lr=cfg.dpo_lr, weight_decay=0.0)
     start = 0
-    ck = latest_checkpoint(udir)
+    ck = _latest(udir)
     if ck is not None:
-        info = load_checkpoint(ck, providers.checkpoint_module(s), opt)
+        info = load_checkpoint(ck, par, opt)
         start = int(info["extra"]["unit_step"])
         R.step = int(info["extra"]["step"])
         R.log.truncate(int(info["extra"]["metrics_lines"]))
@@ -825,13 +904,15 @@ def _train_unit(
         for k in range(start, total):
             pidx = order[k * cfg.dpo_batch_size : (k + 1) * cfg.dpo_batch_size]
             bp = pairs[pidx]
+            mine, contributes = rank_pairs(bp.tolist())  # whole questions per rank
+            bp = bp[mine]
             uniq = sorted(set(bp.flatten().tolist()))
             remap = {c: j for j, c in enumerate(uniq)}
             local = torch.tensor([[remap[a], remap[b]] for a, b in bp.tolist()], dtype=torch.long)
             st = dpo_step(model, opt, [cand_rows[c] for c in uniq], ref[uniq], local,
                           pad_id=T.pad, params=params, beta=cfg.beta, loss_type=cfg.loss_type,
-                          grad_clip=cfg.grad_clip, nll_coef=cfg.nll_coef,
-                          backend=cfg.backend)  # fmt: skip
+                          grad_clip=cfg.grad_clip, nll_coef=cfg.nll_coef, backend=cfg.backend,
+                          parallel=par, contributes=contributes)  # fmt: skip
             R.step += 1
             stats.append(st)
             R.log.log(phase="dpo", unit=unit, provider=s, step=R.step, unit_step=k + 1, **st)
@@ -840,7 +921,7 @@ def _train_unit(
             done = k + 1
             stop = R.stop_after_step is not None and R.step >= R.stop_after_step
             if done < total and ((cfg.save_every and done % cfg.save_every == 0) or stop):
-                save_checkpoint(udir, R.step, providers.checkpoint_module(s), opt,
+                save_checkpoint(udir, R.step, par, opt,
                                 extra={"unit_step": done, "step": R.step,
                                        "metrics_lines": len(R.log)},
                                 keep_last=cfg.keep_last)  # fmt: skip
@@ -869,7 +950,7 @@ def _unit_in_progress(run_dir: Path) -> bool:
 
 
 def _unit_done(R: _Run, unit: str) -> bool:
-    return (R.run_dir / UNITS_DIR / unit / "done.json").is_file()
+    return dist.from_main(lambda: (R.run_dir / UNITS_DIR / unit / "done.json").is_file())
 
 
 def _stage1(R: _Run, providers: Providers, sft, T: _Tok, train, with_rat, bar_desc="stage 1"):
@@ -890,10 +971,10 @@ def _stage1(R: _Run, providers: Providers, sft, T: _Tok, train, with_rat, bar_de
         if data is None:
             t0 = time.time()
             exs = [train[i] for i in parts[s]]
-            own = _generate_rationales(providers.model(s), T, exs, 1,
-                                       temperature=cfg.stage1_temperature, top_p=1.0,
-                                       seed=_derive_seed(cfg.seed, "stage1_gen", s), cfg=cfg,
-                                       desc=f"stage 1: p{s} generate")  # fmt: skip
+            with providers.use(s) as pm:
+                own = _generate_rationales(pm, T, exs, 1, temperature=cfg.stage1_temperature,
+                                           top_p=1.0, seed=_derive_seed(cfg.seed, "stage1_gen", s),
+                                           cfg=cfg, desc=f"stage 1: p{s} generate")  # fmt: skip
             rows, pairs, same = [], [], 0
             for e, o in zip(exs, own):
                 gold, mine = e.rationale.strip(), o[0]
@@ -904,9 +985,10 @@ def _stage1(R: _Run, providers: Providers, sft, T: _Tok, train, with_rat, bar_de
                 pairs.append([len(rows), len(rows) + 1])
                 rows += [[p, gold], [p, mine]]
             with _with_scorer(providers, sft) as ref_model:  # reference: the frozen M_sft
-                ref = sequence_logps(ref_model, [(T.prompt(p), T.target(t)) for p, t in rows],
-                                     pad_id=T.pad, batch_size=cfg.score_batch_size,
-                                     backend=cfg.backend).tolist()  # fmt: skip
+                ref = _all_sequence_logps(ref_model,
+                                          [(T.prompt(p), T.target(t)) for p, t in rows],
+                                          pad_id=T.pad, batch_size=cfg.score_batch_size,
+                                          backend=cfg.backend).tolist()  # fmt: skip
             data = {"rows": rows, "pairs": pairs, "ref_logps": ref, "questions": parts[s]}
             udir.mkdir(parents=True, exist_ok=True)
             _write_json(udir / "pairs.json", data)
@@ -936,10 +1018,11 @@ def _round(R: _Run, r: int, providers: Providers, sft, T: _Tok, train, noR_all: 
         exs = [train[i] for i in qs]
         texts, prov, group = [], [], []
         for s in range(S):
-            gen = _generate_rationales(providers.model(s), T, exs, k,
-                                       temperature=cfg.temperature, top_p=cfg.top_p,
-                                       seed=_derive_seed(cfg.seed, "round", r, s), cfg=cfg,
-                                       desc=f"round {r}: p{s} generate")  # fmt: skip
+            with providers.use(s) as pm:
+                gen = _generate_rationales(pm, T, exs, k, temperature=cfg.temperature,
+                                           top_p=cfg.top_p,
+                                           seed=_derive_seed(cfg.seed, "round", r, s), cfg=cfg,
+                                           desc=f"round {r}: p{s} generate")  # fmt: skip
             for j, ts in enumerate(gen):
                 for t in ts:
                     texts.append(t)
@@ -988,9 +1071,10 @@ def _round(R: _Run, r: int, providers: Providers, sft, T: _Tok, train, noR_all: 
             continue
         data = _read_json(udir / "pairs.json")
         if data is None:
-            ref = sequence_logps(providers.model(s), [(T.prompt(p), T.target(t)) for p, t in rows],
-                                 pad_id=T.pad, batch_size=cfg.score_batch_size,
-                                 backend=cfg.backend).tolist()  # fmt: skip
+            with providers.use(s) as pm:
+                ref = _all_sequence_logps(pm, [(T.prompt(p), T.target(t)) for p, t in rows],
+                                          pad_id=T.pad, batch_size=cfg.score_batch_size,
+                                          backend=cfg.backend).tolist()  # fmt: skip
             data = {"rows": rows, "pairs": pairs, "ref_logps": ref}
             udir.mkdir(parents=True, exist_ok=True)
             _write_json(udir / "pairs.json", data)
@@ -1002,11 +1086,11 @@ def _scorer_logprobs(R: _Run, providers: Providers, sft, T: _Tok, examples, rati
     rows = _score_rows(T, examples, rationales)
     cfg = R.cfg
     if sft is not None:
-        return answer_logprobs(sft, rows, pad_id=T.pad, batch_size=cfg.score_batch_size,
-                               backend=cfg.backend)  # fmt: skip
+        return _all_answer_logprobs(sft, rows, pad_id=T.pad, batch_size=cfg.score_batch_size,
+                                    backend=cfg.backend)  # fmt: skip
     with providers.base() as base:
-        return answer_logprobs(base, rows, pad_id=T.pad, batch_size=cfg.score_batch_size,
-                               backend=cfg.backend)  # fmt: skip
+        return _all_answer_logprobs(base, rows, pad_id=T.pad, batch_size=cfg.score_batch_size,
+                                    backend=cfg.backend)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -1068,9 +1152,17 @@ def _evaluate_rationales(R: _Run, answerer, scorer, T, examples, rationales, lab
     """Accuracy of ``answerer`` after ``rationales`` and the gold answer's mean log-prob under
     ``scorer``."""
     cfg = R.cfg
-    correct, preds = answer_accuracy(answerer, T, examples, rationales, cfg=cfg)
-    lp = answer_logprobs(scorer, _score_rows(T, examples, rationales), pad_id=T.pad,
-                         batch_size=cfg.score_batch_size, backend=cfg.backend)  # fmt: skip
+
+    def part(items):  # this rank's shard
+        exs, rats = [e for e, _ in items], [r for _, r in items]
+        ok, pred = answer_accuracy(answerer, T, exs, rats, cfg=cfg)
+        lps = answer_logprobs(scorer, _score_rows(T, exs, rats), pad_id=T.pad,
+                              batch_size=cfg.score_batch_size, backend=cfg.backend)  # fmt: skip
+        return list(zip(ok, pred, lps.tolist()))
+
+    got = dist.map_shards(part, list(zip(examples, rationales)))
+    correct, preds = [g[0] for g in got], [g[1] for g in got]
+    lp = torch.tensor([g[2] for g in got], dtype=torch.float32)
     n = len(examples)
     m = {"model": label, "n": n, "accuracy": sum(correct) / max(n, 1),
          "answer_logprob": float(lp.mean()) if n else None}  # fmt: skip
@@ -1089,13 +1181,6 @@ def _evaluate_rationales(R: _Run, answerer, scorer, T, examples, rationales, lab
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
-
-
-def _write_json(path: Path, obj) -> None:
-    from .evaluate import _finite
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    runs.write_text_atomic(path, json.dumps(_finite(obj), indent=1) + "\n")
 
 
 def _quiet_transformers() -> None:
@@ -1125,10 +1210,8 @@ def run_collate(
 
     t_start = time.time()
     _quiet_transformers()
-    run_dir = runs.prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    if not resume:
-        runs.save_config(run_dir, cfg)
-    device = setup_torch(cfg)
+    device = setup_torch(cfg)  # joins the process group under torchrun
+    run_dir = prepare_run(run_dir, cfg, resume, overwrite)
     train = load_split(cfg, "train")
     dev = load_split(cfg, "dev")
     test = load_split(cfg, "test")
@@ -1137,7 +1220,7 @@ def run_collate(
     with_rat = _rationale_mask(cfg, train)
     if not any(with_rat):
         raise ValueError("no training example has a rationale (stage 1 needs some)")
-    log = runs.MetricsLogger(run_dir / runs.METRICS_FILE)
+    log = runs.MetricsLogger(run_dir / runs.METRICS_FILE, write=dist.is_main())
     prior = _read_json(run_dir / "elapsed.json") or {}
     elapsed_before = float(prior.get("elapsed_s", 0.0)) if resume else 0.0
     R = _Run(cfg, run_dir, log, stop_after_step, stop_after_sft_step)
@@ -1194,7 +1277,8 @@ def run_collate(
                       steps=R.step)  # fmt: skip
         result["rounds"] = [r for r in runs.read_metrics(run_dir) if r.get("phase") == "round"]
         _write_json(run_dir / RESULT_FILE, result)
-        _write_summary(run_dir, cfg, result, runs.read_metrics(run_dir))
+        if dist.is_main():
+            _write_summary(run_dir, cfg, result, runs.read_metrics(run_dir))
         log.log(phase="done", elapsed_s=round(total_s, 1))
         print(runs.markdown_table(result["table"]))
         print(f"done in {total_s:.0f} s; summary: {run_dir / runs.SUMMARY_FILE}")
@@ -1215,7 +1299,7 @@ def _no_rationale(R: _Run, providers, scorer, T, train) -> torch.Tensor:
     if got is not None:
         return torch.tensor(got, dtype=torch.float32)
     with _with_scorer(providers, scorer) as m:
-        lp = answer_logprobs(
+        lp = _all_answer_logprobs(
             m,
             _score_rows(T, train, [None] * len(train)),
             pad_id=T.pad,
@@ -1232,19 +1316,16 @@ def _eval_providers(R: _Run, providers, scorer, T, examples, tag: str) -> None:
     if tag in done:
         return
     for s in range(cfg.providers):
-        rats = [
-            x[0]
-            for x in _generate_rationales(
-                providers.model(s), T, examples, 1, temperature=0.0, top_p=1.0, seed=0, cfg=cfg
-            )
-        ]
-        with _with_scorer(providers, scorer) as sm:
-            ans = sm if cfg.answerer == "sft" else None
-            if ans is not None:
-                m, _ = _evaluate_rationales(R, ans, sm, T, examples, rats, f"p{s}")
-        if cfg.answerer == "provider":
-            m, _ = _evaluate_rationales(R, providers.model(s), providers.model(s), T, examples,
-                                        rats, f"p{s}")  # fmt: skip
+        with providers.use(s) as pm:
+            rats = [x[0] for x in _generate_rationales(pm, T, examples, 1, temperature=0.0,
+                                                       top_p=1.0, seed=0, cfg=cfg)]  # fmt: skip
+            with _with_scorer(providers, scorer) as sm:
+                ans = sm if cfg.answerer == "sft" else None
+                if ans is not None:
+                    m, _ = _evaluate_rationales(R, ans, sm, T, examples, rats, f"p{s}")
+            if cfg.answerer == "provider":
+                pm = providers.model(s)
+                m, _ = _evaluate_rationales(R, pm, pm, T, examples, rats, f"p{s}")
         R.log.log(phase="eval", after=tag, provider=s, split="test", **m)
     R.mark(evals_done=done + [tag])
 
@@ -1274,15 +1355,12 @@ def _final_eval(R: _Run, providers, scorer, T, dev, test) -> Dict[str, Any]:
     # selection on dev
     sel_rows = []
     for s in range(cfg.providers):
-        pm = providers.model(s)
-        rats = [
-            x[0]
-            for x in _generate_rationales(
-                pm, T, dev, 1, temperature=0.0, top_p=1.0, seed=0, cfg=cfg, desc=f"select: p{s}"
-            )
-        ]
+        with providers.use(s) as pm:
+            rats = [x[0] for x in _generate_rationales(pm, T, dev, 1, temperature=0.0, top_p=1.0,
+                                                       seed=0, cfg=cfg,
+                                                       desc=f"select: p{s}")]  # fmt: skip
         with _with_scorer(providers, scorer) as sm:
-            lp = answer_logprobs(
+            lp = _all_answer_logprobs(
                 sm,
                 _score_rows(T, dev, rats),
                 pad_id=T.pad,
@@ -1292,19 +1370,16 @@ def _final_eval(R: _Run, providers, scorer, T, dev, test) -> Dict[str, Any]:
         sel_rows.append({"provider": f"p{s}", "dev_answer_logprob": float(lp.mean())})
     best = max(range(cfg.providers), key=lambda s: sel_rows[s]["dev_answer_logprob"])
     for s in range(cfg.providers):
-        pm = providers.model(s)
-        rats = [
-            x[0]
-            for x in _generate_rationales(
-                pm, T, test, 1, temperature=0.0, top_p=1.0, seed=0, cfg=cfg, desc=f"eval: p{s}"
-            )
-        ]
-        if cfg.answerer == "sft":
-            with _with_scorer(providers, scorer) as sm:
-                m, p = _evaluate_rationales(R, sm, sm, T, test, rats, "")
-        else:
-            pm = providers.model(s)
-            m, p = _evaluate_rationales(R, pm, pm, T, test, rats, "")
+        with providers.use(s) as pm:
+            rats = [x[0] for x in _generate_rationales(pm, T, test, 1, temperature=0.0,
+                                                       top_p=1.0, seed=0, cfg=cfg,
+                                                       desc=f"eval: p{s}")]  # fmt: skip
+            if cfg.answerer == "sft":
+                with _with_scorer(providers, scorer) as sm:
+                    m, p = _evaluate_rationales(R, sm, sm, T, test, rats, "")
+            else:
+                pm = providers.model(s)
+                m, p = _evaluate_rationales(R, pm, pm, T, test, rats, "")
         sel_rows[s].update(
             test_accuracy=m["accuracy"],
             test_answer_logprob=m["answer_logprob"],
@@ -1421,19 +1496,12 @@ def config_from_args(args: argparse.Namespace) -> CollateConfig:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """``rationale-train collate``."""
-    if args.run_dir:
-        run_dir = Path(args.run_dir)
-    elif args.resume:
-        found = sorted(Path("runs").glob("collate-*"))
-        if not found:
-            raise SystemExit("--resume needs --run-dir (no runs/collate-* folder found)")
-        run_dir = found[-1]
-        print(f"--resume: continuing {run_dir}")
-    else:
-        run_dir = runs.default_run_dir("collate")
+    from .mario import _resolve_run_dir
+
+    run_dir = _resolve_run_dir(args, "collate")
     args.run_dir = str(run_dir)
     cfg = config_from_args(args)
-    if args.resume:
+    if args.resume and dist.is_main():
         runs.save_config(run_dir, cfg)
     return run_collate(cfg, run_dir, resume=args.resume, overwrite=args.overwrite,
                        stop_after_step=args.stop_after_step,

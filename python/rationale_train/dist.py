@@ -295,7 +295,7 @@ class Parallel:
         osd = get_optimizer_state_dict(self._fwd, optimizer, options=opts) if optimizer else None
         if not is_main():
             return None, None
-        msd = {k[len(_PREFIX):]: v for k, v in msd.items()}
+        msd = {k[len(_PREFIX) :]: v for k, v in msd.items()}
         msd = {k: v for k, v in msd.items() if k not in self._aliases}
         if osd is not None:
             index = {n: i for i, n in enumerate(self._names())}

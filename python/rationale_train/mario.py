@@ -211,6 +211,8 @@ class MarioConfig:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
         if self.additive_every < 1:
             raise ValueError("additive_every must be >= 1")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
 
     @classmethod
     def load(cls, run_dir) -> MarioConfig:

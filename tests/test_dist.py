@@ -28,10 +28,10 @@ def _env():
     return env
 
 
-def torchrun(nproc, *args, timeout=600, check=True):
+def torchrun(nproc, *args, timeout=600, check=True, cwd=None):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", *map(str, args)]  # fmt: skip
-    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=cwd)
     if check and p.returncode != 0:
         raise AssertionError(f"torchrun failed ({p.returncode}):\n{p.stdout[-4000:]}\n"
                              f"{p.stderr[-8000:]}")  # fmt: skip
@@ -72,3 +72,124 @@ def test_two_process_step_equals_one_process(kind, mode, one_process, tmp_path):
     assert moved >= 10
     for k, v in want["stats"].items():
         assert got["stats"][k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+MARIO = dict(
+    n_train=24, n_test=6, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2,
+    sft_epochs=2.0, sft_batch_size=8, rounds=2, steps_per_round=4, batch_size=8,
+    max_new_tokens=24, eval_each_round=False, lr=3e-3, sft_lr=3e-3, threads=1,
+)  # fmt: skip
+COLLATE = dict(
+    n_train=24, n_dev=6, n_test=6, vocab_size=300, hidden_size=32, num_layers=1, num_heads=2,
+    sft_epochs=2.0, sft_batch_size=8, rounds=1, dpo_batch_size=4, dpo_lr=5e-3,
+    max_new_tokens=20, threads=1, eval_each_round=False,
+)  # fmt: skip
+
+
+def _config(path, values):
+    import json
+
+    path.write_text(json.dumps(values))
+    return path
+
+
+def _losses(run_dir, phase):
+    from rationale_train import runs
+
+    return {r["step"]: r["loss"] for r in runs.read_metrics(run_dir) if r.get("phase") == phase}
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def mario_two(request, tmp_path_factory):
+    """A tiny MaRio run under torchrun with 2 processes (DDP or FSDP2), started without
+    --run-dir."""
+    d = tmp_path_factory.mktemp("mario2")
+    cfg = _config(d / "mario.json", {**MARIO, "parallel": request.param})
+    p = torchrun(2, "-m", "rationale_train", "mario", "--config", cfg, cwd=d)
+    return d, p
+
+
+def test_mario_two_processes_one_run_folder(mario_two):
+    from rationale_train import runs
+
+    d, p = mario_two
+    folders = list((d / "runs").iterdir())
+    assert len(folders) == 1, folders  # rank 1 wrote nothing of its own
+    run = folders[0]
+    for name in ("config.json", "metrics.jsonl", "summary.md", "pool.jsonl", "result.json"):
+        assert (run / name).is_file(), name
+    rows = runs.read_metrics(run)
+    assert [r["phase"] for r in rows].count("mario") == 2 * 4  # each step logged once
+    assert [r["phase"] for r in rows].count("sft") == 6
+    # the pool holds every question's samples (both ranks' shares), in question order
+    rounds = [r for r in rows if r["phase"] == "round"]
+    assert rounds[0]["silver"] == 24 and rounds[0]["sampled"] == 24
+    pool = [r for r in (run / "pool.jsonl").read_text().splitlines() if r]
+    assert len(pool) == rounds[-1]["pool_size"]
+    assert p.stdout.count("SFT:") == 1  # rank 0 alone prints
+
+
+def test_two_process_checkpoint_resumes_in_one_process(mario_two, tmp_path):
+    """Stop a 2-process run after step 3 (checkpoint), resume it in 1 process: step 4's loss is
+    the uninterrupted 2-process run's (FSDP: the shards were gathered into one-process form)."""
+    import json
+
+    d, _ = mario_two
+    want = _losses(next((d / "runs").iterdir()), "mario")
+    cfg = _config(tmp_path / "mario.json", json.loads((d / "mario.json").read_text()))
+    run = tmp_path / "run"
+    torchrun(2, "-m", "rationale_train", "mario", "--config", cfg, "--run-dir", run,
+             "--stop-after-step", 3)  # fmt: skip
+    assert sorted(_losses(run, "mario")) == [1, 2, 3]
+    plain("-m", "rationale_train", "mario", "--run-dir", run, "--resume", "--stop-after-step", 4)
+    got = _losses(run, "mario")
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert got[step] == pytest.approx(want[step], rel=1e-4), step
+
+
+def test_collate_two_processes(tmp_path):
+    import json
+
+    from rationale_train import runs
+
+    cfg = _config(tmp_path / "collate.json", COLLATE)
+    torchrun(2, "-m", "rationale_train", "collate", "--config", cfg, cwd=tmp_path)
+    folders = list((tmp_path / "runs").iterdir())
+    assert len(folders) == 1, folders
+    run = folders[0]
+    result = json.loads((run / "result.json").read_text())
+    assert result["status"] == "done" and len(result["table"]) == 3
+    cand = json.loads((run / "units" / "round0" / "candidates.json").read_text())
+    assert len(cand["texts"]) == 24 * 2 * 4  # every question, both ranks' shares
+    assert sorted(set(cand["group"])) == list(range(24))
+    steps = [r["step"] for r in runs.read_metrics(run) if r.get("phase") == "dpo"]
+    assert steps == list(range(1, len(steps) + 1)) and steps  # each DPO step logged once
+
+
+def test_failing_rank_stops_every_rank(tmp_path):
+    """Rank 1 raises at train step 3: the launcher stops rank 0 (no hang), reports rank 1's
+    error, and the latest checkpoint is a complete one."""
+    import json
+    import time
+
+    from rationale_train.checkpoint import latest_checkpoint
+    from safetensors import safe_open
+
+    cfg = _config(tmp_path / "mario.json", {**MARIO, "rounds": 1, "save_every": 2})
+    run = tmp_path / "run"
+    t0 = time.time()
+    p = torchrun(2, HERE / "_dist_fail.py", "mario", "--config", cfg, "--run-dir", run,
+                 check=False)  # fmt: skip
+    assert p.returncode != 0
+    assert time.time() - t0 < 300
+    assert "injected failure on rank 1" in p.stderr + p.stdout
+    # the step fails inside SFT (6 steps, checkpoints every 2): step 2's is the latest
+    ck = latest_checkpoint(run / "sft")
+    assert ck is not None and ck.name == "step_00000002"
+    meta = json.loads((ck / "meta.json").read_text())
+    assert meta["step"] == 2 and set(meta["files"]) <= {f.name for f in ck.iterdir()}
+    with safe_open(str(ck / "model.safetensors"), "pt") as f:
+        assert len(list(f.keys())) > 5
+    assert torch.load(ck / "optimizer.pt")["state"]
+    assert not [f for f in (run / "sft" / "checkpoints").iterdir() if f.name.startswith(".tmp-")]

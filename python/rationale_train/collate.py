@@ -639,8 +639,14 @@ def dpo_step(
     if world > 1:
         vals = dist.all_sum(vals)
     P = max(vals[-1], 1.0)
-    out = {"loss": vals[0] / world, "accuracy": vals[1] / P, "margin": vals[2] / P,
-           "chosen_reward": vals[3] / P, "rejected_reward": vals[4] / P, "pairs": int(vals[-1])}
+    out = {
+        "loss": vals[0] / world,
+        "accuracy": vals[1] / P,
+        "margin": vals[2] / P,
+        "chosen_reward": vals[3] / P,
+        "rejected_reward": vals[4] / P,
+        "pairs": int(vals[-1]),
+    }
     if nll is not None:
         out["nll"] = vals[5] / world
     if gnorm is not None:
@@ -1017,6 +1023,7 @@ def _round(R: _Run, r: int, providers: Providers, sft, T: _Tok, train, noR_all: 
             qs = sorted(perm[: cfg.stage2_max])
         exs = [train[i] for i in qs]
         texts, prov, group = [], [], []
+        t_gen = time.time()
         for s in range(S):
             with providers.use(s) as pm:
                 gen = _generate_rationales(pm, T, exs, k, temperature=cfg.temperature,
@@ -1028,6 +1035,8 @@ def _round(R: _Run, r: int, providers: Providers, sft, T: _Tok, train, noR_all: 
                     texts.append(t)
                     prov.append(s)
                     group.append(j)
+        gen_s = time.time() - t_gen
+        gen_tok = sum(len(T.target(t, eos=False)) for t in texts)  # tokens generated, all ranks
         scores = _scorer_logprobs(R, providers, sft, T, [exs[g] for g in group], texts)
         groups = torch.tensor(group, dtype=torch.long)
         noR = noR_all[torch.tensor(qs, dtype=torch.long)]
@@ -1043,7 +1052,10 @@ def _round(R: _Run, r: int, providers: Providers, sft, T: _Tok, train, noR_all: 
                "best_above_no_rationale": float(
                    (torch.stack([scores[groups == j].max() for j in range(len(qs))]) > noR)
                    .float().mean()),
-               "seconds": round(time.time() - t0, 2)}  # fmt: skip
+               "seconds": round(time.time() - t0, 2), "gen_tokens": gen_tok,
+               "gen_seconds": round(gen_s, 3),
+               "gen_tokens_per_s": round(gen_tok / max(gen_s, 1e-9), 1),
+               "world": dist.world()}  # fmt: skip
         for s in range(S):
             rec[f"score_p{s}"] = float(scores[torch.tensor(prov) == s].mean())
         cand = {"questions": qs, "texts": texts, "provider": prov, "group": group,

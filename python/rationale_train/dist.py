@@ -202,9 +202,10 @@ class _Call(torch.nn.Module):
 
 def _fully_shard():
     try:
-        from torch.distributed.fsdp import fully_shard  # torch >= 2.6
-    except ImportError:  # torch 2.4 / 2.5
-        from torch.distributed._composable.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # public FSDP2 API: torch >= 2.6
+    except ImportError as e:  # 2.4 / 2.5 had it under _composable, with fewer of the methods used
+        raise ValueError(f"parallel='fsdp' needs torch >= 2.6 (FSDP2's fully_shard; this is "
+                         f"torch {torch.__version__}); use parallel='ddp'") from e  # fmt: skip
     return fully_shard
 
 

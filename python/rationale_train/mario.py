@@ -805,6 +805,7 @@ def run_mario(
 
             # ---- train
             bar = progress(total=cfg.steps_per_round, initial=rstep, desc=f"round {r}: train")
+            t_train, n_tok, first = time.time(), 0, rstep
             try:
                 for s in range(rstep, cfg.steps_per_round):
                     active = _active_rewards(cfg, step)
@@ -821,6 +822,7 @@ def run_mario(
                                     grad_clip=cfg.grad_clip, backend=cfg.backend,
                                     parallel=par)  # fmt: skip
                     step += 1
+                    n_tok += st["num_tokens"]
                     log.log(phase="mario", step=step, round=r, active=len(active), **st)
                     bar.update(1)
                     bar.set_postfix(loss=f"{st['loss']:.3f}", kl=f"{st.get('kl', 0):.3f}")
@@ -835,6 +837,11 @@ def run_mario(
                                 "elapsed_s": elapsed()}  # fmt: skip
             finally:
                 bar.close()
+            if cfg.steps_per_round > first:  # training throughput (target tokens, all ranks)
+                sec = time.time() - t_train
+                log.log(phase="train_round", round=r, steps=cfg.steps_per_round - first,
+                        tokens=n_tok, seconds=round(sec, 3), world=dist.world(),
+                        tokens_per_s=round(n_tok / max(sec, 1e-9), 1))  # fmt: skip
             rstep = 0
             if cfg.eval_each_round or r == cfg.rounds - 1:
                 with par.gathered() as pm:

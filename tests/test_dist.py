@@ -141,6 +141,12 @@ def test_two_process_checkpoint_resumes_in_one_process(mario_two, tmp_path):
     torchrun(2, "-m", "rationale_train", "mario", "--config", cfg, "--run-dir", run,
              "--stop-after-step", 3)  # fmt: skip
     assert sorted(_losses(run, "mario")) == [1, 2, 3]
+    # per-rank seeds derived from the run seed: the same world size samples the same pool
+    first = next((d / "runs").iterdir())
+    n = len((run / "pool.jsonl").read_text().splitlines())
+    assert (run / "pool.jsonl").read_text().splitlines() == (
+        (first / "pool.jsonl").read_text().splitlines()[:n]
+    )
     plain("-m", "rationale_train", "mario", "--run-dir", run, "--resume", "--stop-after-step", 4)
     got = _losses(run, "mario")
     assert sorted(got) == [1, 2, 3, 4]

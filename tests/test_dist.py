@@ -141,12 +141,18 @@ def test_two_process_checkpoint_resumes_in_one_process(mario_two, tmp_path):
     torchrun(2, "-m", "rationale_train", "mario", "--config", cfg, "--run-dir", run,
              "--stop-after-step", 3)  # fmt: skip
     assert sorted(_losses(run, "mario")) == [1, 2, 3]
-    # per-rank seeds derived from the run seed: the same world size samples the same pool
+    # per-rank seeds derived from the run seed: the same world size builds the same pool. Rewards
+    # only to rounding: the CPU BLAS is not bitwise run-to-run reproducible (in CI the first SFT
+    # loss of two identical runs differed in the 8th digit)
     first = next((d / "runs").iterdir())
-    n = len((run / "pool.jsonl").read_text().splitlines())
-    assert (run / "pool.jsonl").read_text().splitlines() == (
-        (first / "pool.jsonl").read_text().splitlines()[:n]
-    )
+    mine = [json.loads(x) for x in (run / "pool.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (first / "pool.jsonl").read_text().splitlines()][: len(mine)]
+    assert len(mine) == len(ref) > 0
+    for a, b in zip(mine, ref):
+        assert {k: v for k, v in a.items() if k != "rewards"} == {
+            k: v for k, v in b.items() if k != "rewards"
+        }
+        assert a["rewards"] == pytest.approx(b["rewards"], rel=1e-4, abs=1e-5)
     plain("-m", "rationale_train", "mario", "--run-dir", run, "--resume", "--stop-after-step", 4)
     got = _losses(run, "mario")
     assert sorted(got) == [1, 2, 3, 4]

@@ -50,6 +50,7 @@ __all__ = [
     "gather",
     "init",
     "is_main",
+    "launched",
     "map_shards",
     "rank",
     "rank_seed",

@@ -110,6 +110,8 @@ def mario_two(request, tmp_path_factory):
 
 
 def test_mario_two_processes_one_run_folder(mario_two):
+    import json
+
     from rationale_train import runs
 
     d, p = mario_two
@@ -127,6 +129,8 @@ def test_mario_two_processes_one_run_folder(mario_two):
     pool = [r for r in (run / "pool.jsonl").read_text().splitlines() if r]
     assert len(pool) == rounds[-1]["pool_size"]
     assert p.stdout.count("SFT:") == 1  # rank 0 alone prints
+    mode = json.loads((d / "mario.json").read_text())["parallel"]
+    assert f"- processes: 2 ({mode})" in (run / "summary.md").read_text()
 
 
 def test_two_process_checkpoint_resumes_in_one_process(mario_two, tmp_path):

@@ -1473,6 +1473,8 @@ def _write_summary(run_dir: Path, cfg: CollateConfig, result: Dict[str, Any], me
     d = dataclasses.asdict(cfg)
     lines = [f"- `{k}`: {d[k]!r}" for k in keys]
     lines.append(f"- wall time: {result['elapsed_s']:.0f} s; DPO steps: {result['steps']}")
+    mode = f" ({cfg.parallel})" if dist.world() > 1 else ""
+    lines.append(f"- processes: {dist.world()}{mode}")
     sections.append(("Run", "\n".join(lines)))
     runs.write_summary(run_dir, "COLLATE run", sections)
 

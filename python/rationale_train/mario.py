@@ -987,6 +987,8 @@ def _write_summary(run_dir: Path, cfg: MarioConfig, result: Dict[str, Any], metr
     lines = [f"- `{k}`: {cfg_d[k]!r}" for k in keys]
     lines.append(f"- wall time: {result['elapsed_s']:.0f} s; MaRio steps: {result['steps']}; "
                  f"pool: {result['pool_size']} samples")  # fmt: skip
+    mode = f" ({cfg.parallel})" if dist.world() > 1 else ""
+    lines.append(f"- processes: {dist.world()}{mode}")
     sections.append(("Run", "\n".join(lines)))
     runs.write_summary(run_dir, "MaRio run", sections)
 

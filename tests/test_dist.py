@@ -164,14 +164,21 @@ def test_two_process_checkpoint_resumes_in_one_process(mario_two, tmp_path):
         assert got[step] == pytest.approx(want[step], rel=1e-4), step
 
 
-def test_collate_two_processes(tmp_path):
+@pytest.fixture(scope="module")
+def collate_two(tmp_path_factory):
+    """A tiny COLLATE run under torchrun with 2 processes, started without --run-dir."""
+    d = tmp_path_factory.mktemp("collate2")
+    cfg = _config(d / "collate.json", COLLATE)
+    torchrun(2, "-m", "rationale_train", "collate", "--config", cfg, cwd=d)
+    return d
+
+
+def test_collate_two_processes(collate_two):
     import json
 
     from rationale_train import runs
 
-    cfg = _config(tmp_path / "collate.json", COLLATE)
-    torchrun(2, "-m", "rationale_train", "collate", "--config", cfg, cwd=tmp_path)
-    folders = list((tmp_path / "runs").iterdir())
+    folders = list((collate_two / "runs").iterdir())
     assert len(folders) == 1, folders
     run = folders[0]
     result = json.loads((run / "result.json").read_text())
@@ -180,7 +187,23 @@ def test_collate_two_processes(tmp_path):
     assert len(cand["texts"]) == 24 * 2 * 4  # every question, both ranks' shares
     assert sorted(set(cand["group"])) == list(range(24))
     steps = [r["step"] for r in runs.read_metrics(run) if r.get("phase") == "dpo"]
-    assert steps == list(range(1, len(steps) + 1)) and steps  # each DPO step logged once
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) > 3  # each logged once
+
+
+def test_collate_two_process_checkpoint_resumes_in_one_process(collate_two, tmp_path):
+    """Stop a 2-process COLLATE run after DPO step 2 (inside stage 1), finish it in 1 process:
+    the DPO losses are the uninterrupted 2-process run's."""
+    want = _losses(next((collate_two / "runs").iterdir()), "dpo")
+    cfg = _config(tmp_path / "collate.json", COLLATE)
+    run = tmp_path / "run"
+    torchrun(2, "-m", "rationale_train", "collate", "--config", cfg, "--run-dir", run,
+             "--stop-after-step", 2)  # fmt: skip
+    assert sorted(_losses(run, "dpo")) == [1, 2]
+    plain("-m", "rationale_train", "collate", "--run-dir", run, "--resume", "--stop-after-step", 4)
+    got = _losses(run, "dpo")
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in (1, 2, 3, 4):
+        assert got[step] == pytest.approx(want[step], rel=1e-4), step
 
 
 def test_failing_rank_stops_every_rank(tmp_path):

@@ -190,19 +190,34 @@ def test_collate_two_processes(collate_two):
     assert steps == list(range(1, len(steps) + 1)) and len(steps) > 3  # each logged once
 
 
-def test_collate_two_process_checkpoint_resumes_in_one_process(collate_two, tmp_path):
-    """Stop a 2-process COLLATE run after DPO step 2 (inside stage 1), finish it in 1 process:
-    the DPO losses are the uninterrupted 2-process run's."""
-    want = _losses(next((collate_two / "runs").iterdir()), "dpo")
-    cfg = _config(tmp_path / "collate.json", COLLATE)
-    run = tmp_path / "run"
-    torchrun(2, "-m", "rationale_train", "collate", "--config", cfg, "--run-dir", run,
+def test_collate_two_process_checkpoint_resumes_in_one_process(tmp_path):
+    """Stop a 2-process COLLATE run after DPO step 2, in the middle of the first unit, and resume
+    a copy in 1 process and another in 2: the same losses at steps 3 and 4 (step 4 goes through
+    the optimizer state restored at step 2; that a resume equals an uninterrupted run is
+    test_collate's). (Two independent runs would
+    not do as the reference: CPU BLAS rounding differs from run to run and sampling can turn it
+    into other candidates. A unit's first step is no check either: policy = reference there, so
+    every sigmoid-DPO loss is log 2.)"""
+    import math
+    import shutil
+
+    from rationale_train import runs
+
+    cfg = _config(tmp_path / "collate.json", {**COLLATE, "dpo_batch_size": 2})  # 6-step units
+    one, two = tmp_path / "one", tmp_path / "two"
+    torchrun(2, "-m", "rationale_train", "collate", "--config", cfg, "--run-dir", one,
              "--stop-after-step", 2)  # fmt: skip
-    assert sorted(_losses(run, "dpo")) == [1, 2]
-    plain("-m", "rationale_train", "collate", "--run-dir", run, "--resume", "--stop-after-step", 4)
-    got = _losses(run, "dpo")
-    assert sorted(got) == [1, 2, 3, 4]
-    for step in (1, 2, 3, 4):
+    assert sorted(_losses(one, "dpo")) == [1, 2]
+    shutil.copytree(one, two)
+    plain("-m", "rationale_train", "collate", "--run-dir", one, "--resume", "--stop-after-step", 4)
+    torchrun(2, "-m", "rationale_train", "collate", "--run-dir", two, "--resume",
+             "--stop-after-step", 4)  # fmt: skip
+    got, want = _losses(one, "dpo"), _losses(two, "dpo")
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    rows = {r["step"]: r for r in runs.read_metrics(one) if r.get("phase") == "dpo"}
+    assert rows[4]["unit"] == rows[1]["unit"] and rows[4]["unit_step"] == 4  # one unit
+    for step in (3, 4):
+        assert abs(got[step] - math.log(2)) > 1e-3
         assert got[step] == pytest.approx(want[step], rel=1e-4), step
 
 

@@ -10,7 +10,7 @@ import sys
 import torch
 from rationale_train import dist
 from rationale_train.collate import dpo_step, rank_pairs
-from rationale_train.mario import _mine, train_step
+from rationale_train.mario import train_step
 from rationale_train.models import tiny_llama, train_tokenizer
 
 TEXTS = [f"question {i} plus {i + 3} is {2 * i + 3} because we add" for i in range(40)]
@@ -45,7 +45,7 @@ def main(kind, mode, out):
         ref = tiny(1, tok).eval()
         batch = rows(tok, 7, 0)  # 7 rows: ranks get 3 and 4
         ref_batch = [(p[:1] + p, t) for p, t in batch]  # the reference reads other prompts
-        mine = _mine(list(range(len(batch))))
+        mine = dist.part(list(range(len(batch))))
         st = train_step(model, opt, [batch[i] for i in mine], pad_id=pad, ref=ref,
                         ref_rows=[ref_batch[i] for i in mine], kl_coef=0.3, entropy_coef=0.05,
                         kl_vocab=200, grad_clip=0.5, backend="torch", parallel=par)  # fmt: skip

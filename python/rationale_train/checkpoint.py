@@ -246,14 +246,9 @@ def save_checkpoint(
 
     if _is_parallel(model):
         model_state, opt_state = model.gather_state(optimizer)  # collective under FSDP
-        if not dist.is_main():
-            dist.barrier()
-            return Path(run_dir) / CKPT_DIR / f"step_{int(step):08d}"
-        try:
-            return _save(run_dir, step, model, optimizer, scheduler, extra, keep_last,
-                         model_state, opt_state)  # fmt: skip
-        finally:
-            dist.barrier()
+        dist.main_only(lambda: _save(run_dir, step, model, optimizer, scheduler, extra, keep_last,
+                                     model_state, opt_state))  # fmt: skip
+        return Path(run_dir) / CKPT_DIR / f"step_{int(step):08d}"
     return _save(run_dir, step, model, optimizer, scheduler, extra, keep_last, None, None)
 
 

@@ -74,9 +74,11 @@ import rationale_kernels as rk
 from . import dist, runs
 from .mario import (
     _build_base,
+    _device_of,
     _f,
     _float,
     _freeze,
+    _n_targets,
     _read_json,
     _sft_schedule,
     _write_json,
@@ -322,10 +324,6 @@ def _pad_rows(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int, device):
     return ids.to(device), mask.to(device), labels.to(device)
 
 
-def _device_of(model) -> torch.device:
-    return next(model.parameters()).device
-
-
 # ------------------------------------------------------------------------------------ scoring
 
 
@@ -473,15 +471,8 @@ class Providers:
     def save(self, s: int, path) -> None:
         """Provider ``s``'s weights (full model, or its adapter) to ``path`` (safetensors,
         atomic). Under torchrun every rank calls it (FSDP gathers) and rank 0 writes."""
-
         state = self._par[s].gather_state()[0] if s in self._par else None
-        if not dist.is_main():
-            dist.barrier()
-            return
-        try:
-            self._save(s, Path(path), state)
-        finally:
-            dist.barrier()
+        dist.main_only(lambda: self._save(s, Path(path), state))
 
     def _save(self, s: int, path: Path, state) -> None:
         from safetensors.torch import save_file, save_model
@@ -548,16 +539,10 @@ def sequence_logps(model, rows, *, pad_id: int, batch_size: int = 64, backend: s
     return out
 
 
-def _all_answer_logprobs(model, rows, **kw) -> torch.Tensor:
-    """:func:`answer_logprobs` of every row, each rank scoring its shard (a collective under
-    torchrun)."""
-    out = dist.map_shards(lambda sub: answer_logprobs(model, sub, **kw).tolist(), list(rows))
-    return torch.tensor(out, dtype=torch.float32)
-
-
-def _all_sequence_logps(model, rows, **kw) -> torch.Tensor:
-    """:func:`sequence_logps` of every row, sharded like :func:`_all_answer_logprobs`."""
-    out = dist.map_shards(lambda sub: sequence_logps(model, sub, **kw).tolist(), list(rows))
+def _all_rows(score, model, rows, **kw) -> torch.Tensor:
+    """``score(model, rows, **kw)`` (:func:`answer_logprobs` or :func:`sequence_logps`) of every
+    row, each rank scoring its shard (a collective under torchrun)."""
+    out = dist.map_shards(lambda sub: score(model, sub, **kw).tolist(), list(rows))
     return torch.tensor(out, dtype=torch.float32)
 
 
@@ -595,7 +580,7 @@ def dpo_step(
     w = 1.0 if contributes else 0.0
     chosen = torch.unique(pairs[:, 0])
     n_pairs = int(pairs.shape[0]) * w
-    n_tok = sum(len(rows[c][1]) - (0 if rows[c][0] else 1) for c in chosen.tolist()) * w
+    n_tok = sum(_n_targets(*rows[c]) for c in chosen.tolist()) * w
     world = dist.world() if parallel is not None else 1
     norm = nll_norm = None
     if world > 1:
@@ -676,8 +661,7 @@ def rank_pairs(pairs: Sequence[Sequence[int]]) -> Tuple[List[int], bool]:
     for i, (c, _) in enumerate(pairs):
         comps.setdefault(find(int(c)), []).append(i)
     groups = list(comps.values())
-    part = dist.shard(len(groups))
-    mine = [i for g in groups[part.start : part.stop] for i in g]
+    mine = [i for g in dist.part(groups) for i in g]
     if mine:
         return mine, True
     return groups[0], False
@@ -768,7 +752,7 @@ class _Run:
 
 def _sft_phase(R: _Run, device, train, with_rat) -> None:
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .mario import _latest, _mine, train_step
+    from .mario import _latest, train_step
     from .models import save_pretrained_atomic
 
     cfg = R.cfg
@@ -794,7 +778,7 @@ def _sft_phase(R: _Run, device, train, with_rat) -> None:
     bar = progress(total=total, initial=start, desc="stage 0: multi-mode SFT")
     try:
         for step in range(start, total):
-            idx = _mine(order[step * cfg.sft_batch_size : (step + 1) * cfg.sft_batch_size])
+            idx = dist.part(order[step * cfg.sft_batch_size : (step + 1) * cfg.sft_batch_size])
             lr = opt.param_groups[0]["lr"]
             st = train_step(model, opt, [rows[i] for i in idx], pad_id=T.pad,
                             grad_clip=cfg.grad_clip, backend=cfg.backend,
@@ -814,9 +798,9 @@ def _sft_phase(R: _Run, device, train, with_rat) -> None:
         bar.close()
     model.eval()
     state, _ = par.gather_state()  # FSDP: the full weights on rank 0
-    if dist.is_main():
-        save_pretrained_atomic(model, tok, R.run_dir / SFT_DIR, state_dict=state)
-    R.mark(sft_done=True)  # (a barrier: every rank then reads the saved model)
+    dist.main_only(lambda: save_pretrained_atomic(model, tok, R.run_dir / SFT_DIR,
+                                                  state_dict=state))  # fmt: skip
+    R.mark(sft_done=True)
 
 
 def _generate_rationales(
@@ -991,10 +975,10 @@ def _stage1(R: _Run, providers: Providers, sft, T: _Tok, train, with_rat, bar_de
                 pairs.append([len(rows), len(rows) + 1])
                 rows += [[p, gold], [p, mine]]
             with _with_scorer(providers, sft) as ref_model:  # reference: the frozen M_sft
-                ref = _all_sequence_logps(ref_model,
-                                          [(T.prompt(p), T.target(t)) for p, t in rows],
-                                          pad_id=T.pad, batch_size=cfg.score_batch_size,
-                                          backend=cfg.backend).tolist()  # fmt: skip
+                ref = _all_rows(sequence_logps, ref_model,
+                                [(T.prompt(p), T.target(t)) for p, t in rows], pad_id=T.pad,
+                                batch_size=cfg.score_batch_size,
+                                backend=cfg.backend).tolist()  # fmt: skip
             data = {"rows": rows, "pairs": pairs, "ref_logps": ref, "questions": parts[s]}
             udir.mkdir(parents=True, exist_ok=True)
             _write_json(udir / "pairs.json", data)
@@ -1084,9 +1068,9 @@ def _round(R: _Run, r: int, providers: Providers, sft, T: _Tok, train, noR_all: 
         data = _read_json(udir / "pairs.json")
         if data is None:
             with providers.use(s) as pm:
-                ref = _all_sequence_logps(pm, [(T.prompt(p), T.target(t)) for p, t in rows],
-                                          pad_id=T.pad, batch_size=cfg.score_batch_size,
-                                          backend=cfg.backend).tolist()  # fmt: skip
+                ref = _all_rows(sequence_logps, pm, [(T.prompt(p), T.target(t)) for p, t in rows],
+                                pad_id=T.pad, batch_size=cfg.score_batch_size,
+                                backend=cfg.backend).tolist()  # fmt: skip
             data = {"rows": rows, "pairs": pairs, "ref_logps": ref}
             udir.mkdir(parents=True, exist_ok=True)
             _write_json(udir / "pairs.json", data)
@@ -1098,11 +1082,11 @@ def _scorer_logprobs(R: _Run, providers: Providers, sft, T: _Tok, examples, rati
     rows = _score_rows(T, examples, rationales)
     cfg = R.cfg
     if sft is not None:
-        return _all_answer_logprobs(sft, rows, pad_id=T.pad, batch_size=cfg.score_batch_size,
-                                    backend=cfg.backend)  # fmt: skip
+        return _all_rows(answer_logprobs, sft, rows, pad_id=T.pad,
+                         batch_size=cfg.score_batch_size, backend=cfg.backend)  # fmt: skip
     with providers.base() as base:
-        return _all_answer_logprobs(base, rows, pad_id=T.pad, batch_size=cfg.score_batch_size,
-                                    backend=cfg.backend)  # fmt: skip
+        return _all_rows(answer_logprobs, base, rows, pad_id=T.pad,
+                         batch_size=cfg.score_batch_size, backend=cfg.backend)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ evaluation
@@ -1311,7 +1295,8 @@ def _no_rationale(R: _Run, providers, scorer, T, train) -> torch.Tensor:
     if got is not None:
         return torch.tensor(got, dtype=torch.float32)
     with _with_scorer(providers, scorer) as m:
-        lp = _all_answer_logprobs(
+        lp = _all_rows(
+            answer_logprobs,
             m,
             _score_rows(T, train, [None] * len(train)),
             pad_id=T.pad,
@@ -1372,7 +1357,8 @@ def _final_eval(R: _Run, providers, scorer, T, dev, test) -> Dict[str, Any]:
                                                        seed=0, cfg=cfg,
                                                        desc=f"select: p{s}")]  # fmt: skip
         with _with_scorer(providers, scorer) as sm:
-            lp = _all_answer_logprobs(
+            lp = _all_rows(
+                answer_logprobs,
                 sm,
                 _score_rows(T, dev, rats),
                 pad_id=T.pad,
@@ -1485,19 +1471,9 @@ def _write_summary(run_dir: Path, cfg: CollateConfig, result: Dict[str, Any], me
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``rationale-train collate``: one per :class:`CollateConfig` field, plus the run
     folder options."""
-    parser.add_argument("--run-dir", default=None,
-                        help="run folder (default: runs/collate-<time>)")  # fmt: skip
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the run in --run-dir from its latest checkpoint",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="empty a non-empty --run-dir and start over"
-    )
-    parser.add_argument("--stop-after-step", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--stop-after-sft-step", type=int, default=None, help=argparse.SUPPRESS)
-    runs.add_dataclass_arguments(parser, CollateConfig)
+    from .mario import _common_arguments
+
+    _common_arguments(parser, "collate", CollateConfig)
 
 
 def config_from_args(args: argparse.Namespace) -> CollateConfig:

@@ -51,7 +51,9 @@ __all__ = [
     "init",
     "is_main",
     "launched",
+    "main_only",
     "map_shards",
+    "part",
     "rank",
     "rank_seed",
     "shard",
@@ -135,6 +137,12 @@ def shard(n: int, r: Optional[int] = None, w: Optional[int] = None) -> range:
     return range(r * n // w, (r + 1) * n // w)
 
 
+def part(items: Sequence[Any]) -> List[Any]:
+    """This rank's contiguous share of ``items`` (all of them in one process)."""
+    r = shard(len(items))
+    return list(items[r.start : r.stop])
+
+
 def gather(items: Sequence[Any]) -> List[Any]:
     """Every rank's ``items`` concatenated in rank order (picklable objects)."""
     if not active():
@@ -147,7 +155,7 @@ def gather(items: Sequence[Any]) -> List[Any]:
 def map_shards(fn: Callable[[List[Any]], Sequence[Any]], items: Sequence[Any]) -> List[Any]:
     """``fn(items)`` computed as ``fn`` of each rank's shard, gathered in order. ``fn`` maps a
     list to a list of the same length and is not called on an empty shard."""
-    mine = list(items[shard(len(items)).start : shard(len(items)).stop])
+    mine = part(items)
     out = list(fn(mine)) if mine else []
     if len(out) != len(mine):
         raise RuntimeError(f"map_shards: fn returned {len(out)} results for {len(mine)} items")
@@ -161,6 +169,14 @@ def broadcast(obj: Any) -> Any:
     box = [obj if is_main() else None]
     tdist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def main_only(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 alone, then every rank waits for it: the run folder has one writer, and
+    what it wrote is there for every rank afterwards. Returns ``fn()`` on rank 0, else ``None``."""
+    out = fn() if is_main() else None
+    barrier()
+    return out
 
 
 def from_main(fn: Callable[[], Any]) -> Any:
@@ -310,8 +326,11 @@ class Parallel:
         """Put a one-process state (as :meth:`gather_state` returns, or a single process saves)
         into the model and optimizer; under FSDP every rank calls it with the full state and keeps
         its shard."""
+        msd = dict(model_state)
+        for alias, kept in self._aliases.items():
+            msd.setdefault(alias, msd[kept])
         if self.mode != "fsdp":
-            self.model.load_state_dict(model_state, strict=False)
+            self.model.load_state_dict(msd)
             if optimizer is not None and optimizer_state is not None:
                 optimizer.load_state_dict(optimizer_state)
             return
@@ -322,9 +341,6 @@ class Parallel:
         )
 
         opts = StateDictOptions(full_state_dict=True)
-        msd = dict(model_state)
-        for alias, kept in self._aliases.items():
-            msd.setdefault(alias, msd[kept])
         set_model_state_dict(self._fwd, {_PREFIX + k: v for k, v in msd.items()}, options=opts)
         if optimizer is not None and optimizer_state is not None:
             names = self._names()

@@ -402,7 +402,7 @@ def train_step(
         wr, br = _head(ref)
         kw = dict(ref_hidden=hr, ref_weight=wr, ref_bias=br, kl_coef=float(kl_coef),
                   kl="full", kl_vocab=kl_vocab)  # fmt: skip
-    n_local = sum(len(t) - (0 if len(p) else 1) for p, t in policy_rows)
+    n_local = sum(_n_targets(p, t) for p, t in policy_rows)
     world = dist.world() if parallel is not None else 1
     normalizer = None
     if world > 1:
@@ -442,8 +442,12 @@ def train_step(
 
 
 def _device_of(model) -> torch.device:
-    p = next(model.parameters())
-    return p.device
+    return next(model.parameters()).device
+
+
+def _n_targets(prompt: Sequence[int], target: Sequence[int]) -> int:
+    """Target tokens a ``(prompt, target)`` row trains (the first one needs a token before it)."""
+    return len(target) - (0 if len(prompt) else 1)
 
 
 def _float(x) -> float:
@@ -571,7 +575,7 @@ def _sft_phase(cfg, run_dir: Path, log, device, train, test, *, stop_after_sft_s
     bar = progress(total=total, initial=start, desc="SFT")
     try:
         for step in range(start, total):
-            idx = _mine(order[step * cfg.sft_batch_size : (step + 1) * cfg.sft_batch_size])
+            idx = dist.part(order[step * cfg.sft_batch_size : (step + 1) * cfg.sft_batch_size])
             lr = opt.param_groups[0]["lr"]
             st = train_step(model, opt, [rows[i] for i in idx], pad_id=pad,
                             grad_clip=cfg.grad_clip, backend=cfg.backend,
@@ -591,16 +595,8 @@ def _sft_phase(cfg, run_dir: Path, log, device, train, test, *, stop_after_sft_s
         bar.close()
     model.eval()
     state, _ = par.gather_state()  # FSDP: the full weights on rank 0
-    if dist.is_main():
-        save_pretrained_atomic(model, tok, run_dir / SFT_DIR, state_dict=state)
-    dist.barrier()
+    dist.main_only(lambda: save_pretrained_atomic(model, tok, run_dir / SFT_DIR, state_dict=state))
     return True
-
-
-def _mine(batch: Sequence[int]) -> List[int]:
-    """This rank's share of a global batch (all of it in one process)."""
-    part = dist.shard(len(batch))
-    return list(batch[part.start : part.stop])
 
 
 def _latest(run_dir):
@@ -809,7 +805,7 @@ def run_mario(
             try:
                 for s in range(rstep, cfg.steps_per_round):
                     active = _active_rewards(cfg, step)
-                    idx = _mine(order[s * cfg.batch_size : (s + 1) * cfg.batch_size])
+                    idx = dist.part(order[s * cfg.batch_size : (s + 1) * cfg.batch_size])
                     prow, rrow = [], []
                     for i in idx:
                         e = pool.records[i]["example"]
@@ -935,10 +931,11 @@ def _write_json(path: Path, obj) -> None:
     """Rank 0 writes the run folder; the others wait, so a later read sees the file."""
     from .evaluate import _finite
 
-    if dist.is_main():
+    def write():
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         runs.write_text_atomic(path, json.dumps(_finite(obj), indent=1) + "\n")
-    dist.barrier()
+
+    dist.main_only(write)
 
 
 def prepare_run(run_dir, cfg, resume: bool, overwrite: bool) -> Path:
@@ -996,7 +993,8 @@ def _write_summary(run_dir: Path, cfg: MarioConfig, result: Dict[str, Any], metr
 # ------------------------------------------------------------------------------------ CLI
 
 
-def _common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+def _common_arguments(parser: argparse.ArgumentParser, command: str, cls=None) -> None:
+    """The run folder options and one flag per field of ``cls`` (default: MarioConfig)."""
     parser.add_argument(
         "--run-dir", default=None, help=f"run folder (default: runs/{command}-<time>)"
     )
@@ -1010,7 +1008,7 @@ def _common_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     )
     parser.add_argument("--stop-after-step", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--stop-after-sft-step", type=int, default=None, help=argparse.SUPPRESS)
-    runs.add_dataclass_arguments(parser, MarioConfig)
+    runs.add_dataclass_arguments(parser, cls or MarioConfig)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -168,6 +168,25 @@ def test_two_process_checkpoint_resumes_in_one_process(mario_two, tmp_path):
         assert got[step] == pytest.approx(want[step], rel=1e-4), step
 
 
+def test_one_process_checkpoint_resumes_under_fsdp(tmp_path):
+    """The other direction and mode: a one-process checkpoint (safetensors keeps one name of the
+    tied embedding / head pair, not necessarily the one FSDP's gather keeps) resumes in 2 FSDP
+    processes with the loss of a one-process resume."""
+    import shutil
+
+    cfg = _config(tmp_path / "mario.json", MARIO)
+    one, two = tmp_path / "one", tmp_path / "two"
+    plain("-m", "rationale_train", "mario", "--config", cfg, "--run-dir", one,
+          "--stop-after-step", 2)  # fmt: skip
+    shutil.copytree(one, two)
+    plain("-m", "rationale_train", "mario", "--run-dir", one, "--resume", "--stop-after-step", 3)
+    torchrun(2, "-m", "rationale_train", "mario", "--run-dir", two, "--resume", "--parallel",
+             "fsdp", "--stop-after-step", 3)  # fmt: skip
+    got, want = _losses(two, "mario"), _losses(one, "mario")
+    assert sorted(got) == sorted(want) == [1, 2, 3]
+    assert got[3] == pytest.approx(want[3], rel=1e-4)
+
+
 @pytest.fixture(scope="module")
 def collate_two(tmp_path_factory):
     """A tiny COLLATE run under torchrun with 2 processes, started without --run-dir."""
@@ -251,3 +270,26 @@ def test_failing_rank_stops_every_rank(tmp_path):
         assert len(list(f.keys())) > 5
     assert torch.load(ck / "optimizer.pt")["state"]
     assert not [f for f in (run / "sft" / "checkpoints").iterdir() if f.name.startswith(".tmp-")]
+
+
+def test_parallel_without_process_group(tmp_path):
+    """One process: Parallel is the plain model; load_state takes a safetensors state (tied
+    aliases dropped) strictly and rejects one of another model."""
+    from rationale_train import dist
+    from rationale_train.models import tiny_llama, train_tokenizer
+    from safetensors.torch import load_file, save_model
+
+    tok = train_tokenizer(["one two three four five six"] * 8, vocab_size=280)
+    a, b = (tiny_llama(tok, hidden_size=16, num_layers=1, num_heads=2, seed=s) for s in (0, 1))
+    par = dist.Parallel(b, "fsdp")
+    assert par.mode == "none" and par.gather_state() == (None, None)
+    assert par(lambda m, x: m is b and x, 3) == 3
+    save_model(a, str(tmp_path / "a.safetensors"))
+    state = load_file(str(tmp_path / "a.safetensors"))
+    assert len(state) < len(a.state_dict())  # the tied head was dropped
+    par.load_state(state)
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), k
+    with pytest.raises(RuntimeError, match="Missing key"):
+        par.load_state({k: v for k, v in state.items() if "layers" not in k})
+    assert dist.part(list(range(5))) == [0, 1, 2, 3, 4] and dist.shard(5, 1, 2) == range(2, 5)

@@ -244,10 +244,11 @@ class Parallel:
             raise ValueError(f"parallel mode must be ddp, fsdp or none, got {mode!r}")
         self.model = model
         self.mode = mode if active() else "none"
-        # tied weights (an LM head sharing the embedding): alias name -> the name kept
-        kept = {id(p): n for n, p in model.named_parameters()}
-        self._aliases = {n: kept[id(p)] for n, p in model.named_parameters(remove_duplicate=False)
-                         if kept[id(p)] != n}  # fmt: skip
+        # tied weights (an LM head sharing the embedding): the names of each shared parameter
+        names: dict = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(n)
+        self._tied = [ns for ns in names.values() if len(ns) > 1]
         call = _Call(model)
         if self.mode == "ddp":
             dev = next(model.parameters()).device
@@ -297,7 +298,7 @@ class Parallel:
         """``(model_state, optimizer_state)`` in one-process form, for a checkpoint that resumes
         under any world size and mode: FSDP gathers the full state (a collective: every rank
         calls it) and returns it on rank 0 (``None, None`` elsewhere): the model's keys with tied
-        aliases dropped (as ``safetensors.save_model`` writes them) and the optimizer state keyed
+        aliases dropped (one name kept per tied group) and the optimizer state keyed
         by parameter index like ``optimizer.state_dict()``. DDP / none: ``(None, None)``, the
         model and optimizer are complete on every rank."""
         if self.mode != "fsdp":
@@ -314,7 +315,8 @@ class Parallel:
         if not is_main():
             return None, None
         msd = {k[len(_PREFIX) :]: v for k, v in msd.items()}
-        msd = {k: v for k, v in msd.items() if k not in self._aliases}
+        aliases = {n for ns in self._tied for n in ns[1:]}
+        msd = {k: v for k, v in msd.items() if k not in aliases}
         if osd is not None:
             index = {n: i for i, n in enumerate(self._names())}
             osd = {"state": {index[n]: v for n, v in osd["state"].items()},
@@ -327,8 +329,10 @@ class Parallel:
         into the model and optimizer; under FSDP every rank calls it with the full state and keeps
         its shard."""
         msd = dict(model_state)
-        for alias, kept in self._aliases.items():
-            msd.setdefault(alias, msd[kept])
+        for ns in self._tied:  # a file keeps one name of each tied group, whichever
+            present = [n for n in ns if n in msd]
+            for n in ns if present else ():
+                msd.setdefault(n, msd[present[0]])
         if self.mode != "fsdp":
             self.model.load_state_dict(msd)
             if optimizer is not None and optimizer_state is not None:

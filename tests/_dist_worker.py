@@ -60,7 +60,7 @@ def main(kind, mode, out):
         st = dpo_step(model, opt, [cands[c] for c in used], ref_logps[used], local, pad_id=pad,
                       beta=0.5, grad_clip=0.5, nll_coef=0.2, backend="torch", parallel=par,
                       contributes=contributes)  # fmt: skip
-    state, _ = par.gather_state()
+    state = par.gather_state()
     if dist.is_main():
         state = state if state is not None else model.state_dict()
         torch.save({"state": {k: v.detach().cpu() for k, v in state.items()}, "stats": st}, out)

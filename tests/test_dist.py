@@ -136,12 +136,14 @@ def test_mario_two_processes_one_run_folder(mario_two):
 def test_two_process_checkpoint_resumes_in_one_process(mario_two, tmp_path):
     """Stop a 2-process run after step 2 (checkpoint) and resume a copy in 1 process and another
     in 2: the same losses at steps 3 and 4 (step 4 after an update with the restored optimizer
-    state; FSDP: the shards were gathered into one-process form and scattered again). Two
+    state; FSDP: the shards, written by each rank, are resharded to one and to two processes). Two
     independent runs are no reference: the CPU BLAS is not bitwise run-to-run reproducible (in
     CI the first SFT loss of two identical runs differed in the 8th digit) and sampling can turn
     that into other samples."""
     import json
     import shutil
+
+    from rationale_train.checkpoint import latest_checkpoint
 
     d, _ = mario_two
     cfg = _config(tmp_path / "mario.json", json.loads((d / "mario.json").read_text()))
@@ -149,6 +151,10 @@ def test_two_process_checkpoint_resumes_in_one_process(mario_two, tmp_path):
     torchrun(2, "-m", "rationale_train", "mario", "--config", cfg, "--run-dir", one,
              "--stop-after-step", 2)  # fmt: skip
     assert sorted(_losses(one, "mario")) == [1, 2]
+    # FSDP ranks wrote their shards (torch.distributed.checkpoint), DDP's rank 0 the full state
+    ck = latest_checkpoint(one)
+    fsdp = json.loads((d / "mario.json").read_text())["parallel"] == "fsdp"
+    assert (ck / "dcp").is_dir() == fsdp and (ck / "model.safetensors").is_file() != fsdp
     # the silver part of the pool is the uninterrupted run's (rewards to rounding)
     first = next((d / "runs").iterdir())
     mine, ref = ([json.loads(x) for x in (r / "pool.jsonl").read_text().splitlines()]
@@ -282,7 +288,7 @@ def test_parallel_without_process_group(tmp_path):
     tok = train_tokenizer(["one two three four five six"] * 8, vocab_size=280)
     a, b = (tiny_llama(tok, hidden_size=16, num_layers=1, num_heads=2, seed=s) for s in (0, 1))
     par = dist.Parallel(b, "fsdp")
-    assert par.mode == "none" and par.gather_state() == (None, None)
+    assert par.mode == "none" and par.gather_state() is None
     assert par(lambda m, x: m is b and x, 3) == 3
     save_model(a, str(tmp_path / "a.safetensors"))
     state = load_file(str(tmp_path / "a.safetensors"))

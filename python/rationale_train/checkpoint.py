@@ -6,6 +6,8 @@ Layout of a run folder::
         step_00000100/          one complete checkpoint
             model.safetensors   weights (shared / tied tensors stored once)
             optimizer.pt        optimizer.state_dict()          (only with an optimizer)
+            dcp/                under FSDP instead of the two above: every rank's shards of the
+                                model and optimizer (torch.distributed.checkpoint)
             scheduler.pt        scheduler.state_dict()          (only with a scheduler)
             rng.pt              python random, numpy, torch CPU and CUDA RNG states
             meta.json           {"format", "step", "extra", "files"}: written last
@@ -57,6 +59,7 @@ __all__ = [
 FORMAT = "rationale-train-checkpoint/1"
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
+DCP_DIR = "dcp"  # torch.distributed.checkpoint shards of an FSDP run
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _HIDDEN_PREFIXES = (".tmp-", ".trash-")
 
@@ -238,23 +241,29 @@ def save_checkpoint(
     it, and delete all but the ``keep_last`` newest checkpoints (``None`` or ``<= 0``: keep all).
     Saving a step that already exists replaces it. Returns the checkpoint directory.
 
-    ``model`` may be a :class:`rationale_train.dist.Parallel`: then every rank calls this, FSDP
-    gathers the full state, rank 0 alone writes it (in the one-process format, so it resumes
-    under any world size and mode), and the ranks meet at a barrier before returning.
+    ``model`` may be a :class:`rationale_train.dist.Parallel`: then every rank calls this and the
+    ranks meet at a barrier before returning. DDP: rank 0 writes the model as above. FSDP: every
+    rank writes its own shards of the model and optimizer with torch.distributed.checkpoint
+    (``dcp/`` instead of ``model.safetensors`` and ``optimizer.pt``; nothing is gathered), rank 0
+    the rest. Either resumes under any world size and mode, and in one process.
     """
     from . import dist
 
-    if _is_parallel(model):
-        model_state, opt_state = model.gather_state(optimizer)  # collective under FSDP
-        dist.main_only(lambda: _save(run_dir, step, model, optimizer, scheduler, extra, keep_last,
-                                     model_state, opt_state))  # fmt: skip
-        return Path(run_dir) / CKPT_DIR / f"step_{int(step):08d}"
-    return _save(run_dir, step, model, optimizer, scheduler, extra, keep_last, None, None)
+    meta = _meta(step, extra)  # every rank validates before anything is written
+    if not _is_parallel(model):
+        tmp = _begin(run_dir, meta)
+        return _finish(tmp, run_dir, meta, model, optimizer, scheduler, keep_last)
+    sharded = _fsdp(model)
+    tmp = Path(dist.from_main(lambda: str(_begin(run_dir, meta))))
+    if sharded:  # a collective: each rank writes its shards into the temporary directory
+        model.save_sharded(tmp / DCP_DIR, optimizer)
+        meta["dcp_optimizer"] = optimizer is not None
+    rest = (None, None) if sharded else (model, optimizer)
+    dist.main_only(lambda: _finish(tmp, run_dir, meta, *rest, scheduler, keep_last))
+    return Path(run_dir) / CKPT_DIR / f"step_{meta['step']:08d}"
 
 
-def _save(run_dir, step, model, optimizer, scheduler, extra, keep_last, model_state, opt_state):
-    from safetensors.torch import save_file, save_model
-
+def _meta(step, extra) -> Dict[str, Any]:
     step = int(step)
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -263,37 +272,46 @@ def _save(run_dir, step, model, optimizer, scheduler, extra, keep_last, model_st
         json.dumps(meta, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise TypeError(f"checkpoint `extra` must be JSON-serialisable: {e}") from e
+    return meta
 
+
+def _begin(run_dir, meta) -> Path:
+    """Remove leftovers of a crashed save / prune (one writer per run) and make the hidden
+    temporary directory the checkpoint is written into."""
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
-    for p in root.iterdir():  # leftovers of a crashed save / prune (one writer per run)
+    for p in root.iterdir():
         if p.name.startswith(_HIDDEN_PREFIXES):
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".tmp-step_{meta['step']:08d}-", dir=str(root)))
 
-    name = f"step_{step:08d}"
+
+def _finish(tmp, run_dir, meta, model, optimizer, scheduler, keep_last) -> Path:
+    """Write what is left into ``tmp`` (``model`` / ``optimizer`` ``None``: already there as
+    ``dcp/``), publish it and prune."""
+    from safetensors.torch import save_model
+
+    root = Path(run_dir) / CKPT_DIR
+    name = f"step_{meta['step']:08d}"
     final = root / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=str(root)))
     try:
-        if model_state is not None:  # gathered from FSDP shards, tied aliases already dropped
-            save_file({k: v.contiguous() for k, v in model_state.items()},
-                      str(tmp / "model.safetensors"), metadata={"format": "pt"})  # fmt: skip
-        else:
+        files = [DCP_DIR] if (tmp / DCP_DIR).is_dir() else []
+        if model is not None:
             save_model(_unwrap(model), str(tmp / "model.safetensors"), metadata={"format": "pt"},
                        force_contiguous=True)  # fmt: skip
-        files = ["model.safetensors"]
+            files.append("model.safetensors")
         if optimizer is not None:
-            state = opt_state if opt_state is not None else optimizer.state_dict()
-            torch.save(state, tmp / "optimizer.pt")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             files.append("optimizer.pt")
         if scheduler is not None:
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             files.append("scheduler.pt")
         torch.save(_rng_state(), tmp / "rng.pt")
         files.append("rng.pt")
-        meta["files"] = files
+        meta = dict(meta, files=files)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1, allow_nan=False))
         fsync_tree(tmp)
         if final.exists():
@@ -346,18 +364,28 @@ def load_checkpoint(
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} checkpoint (format={meta.get('format')!r})")
 
+    sharded = (path / DCP_DIR).is_dir()
     for obj, fname in ((optimizer, "optimizer.pt"), (scheduler, "scheduler.pt")):
-        if obj is not None and not (path / fname).is_file():
+        if obj is None or (path / fname).is_file():
+            continue
+        if not (obj is optimizer and sharded and meta.get("dcp_optimizer")):
             raise ValueError(f"{path} has no {fname}: it was saved without one")
-    opt_state = None
-    if optimizer is not None:
-        opt_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=weights_only)
-    if _fsdp(model):
-        model.load_state(load_file(str(path / "model.safetensors")), opt_state, optimizer)
+    if sharded:  # written by FSDP ranks: resharded to this world size and mode
+        from . import dist
+
+        par = model if _is_parallel(model) else dist.Parallel(_unwrap(model), "none")
+        par.load_sharded(path / DCP_DIR, optimizer)
     else:
-        load_model(_unwrap(model), str(path / "model.safetensors"), strict=True)
+        opt_state = None
         if optimizer is not None:
-            optimizer.load_state_dict(opt_state)
+            opt_state = torch.load(path / "optimizer.pt", map_location="cpu",
+                                   weights_only=weights_only)  # fmt: skip
+        if _fsdp(model):
+            model.load_state(load_file(str(path / "model.safetensors")), opt_state, optimizer)
+        else:
+            load_model(_unwrap(model), str(path / "model.safetensors"), strict=True)
+            if optimizer is not None:
+                optimizer.load_state_dict(opt_state)
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu",
                                              weights_only=weights_only))  # fmt: skip

@@ -138,11 +138,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Any:
     quiet = None if dist.is_main() else open(os.devnull, "w")
     try:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
-            return args._run(args)
+            out = args._run(args)
+    except BaseException:
+        dist.shutdown(clean=False)
+        raise
     finally:
         if quiet:
             quiet.close()
-        dist.shutdown()
+    dist.shutdown()
+    return out
 
 
 if __name__ == "__main__":

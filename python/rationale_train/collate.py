@@ -471,7 +471,7 @@ class Providers:
     def save(self, s: int, path) -> None:
         """Provider ``s``'s weights (full model, or its adapter) to ``path`` (safetensors,
         atomic). Under torchrun every rank calls it (FSDP gathers) and rank 0 writes."""
-        state = self._par[s].gather_state()[0] if s in self._par else None
+        state = self._par[s].gather_state() if s in self._par else None
         dist.main_only(lambda: self._save(s, Path(path), state))
 
     def _save(self, s: int, path: Path, state) -> None:
@@ -797,7 +797,7 @@ def _sft_phase(R: _Run, device, train, with_rat) -> None:
     finally:
         bar.close()
     model.eval()
-    state, _ = par.gather_state()  # FSDP: the full weights on rank 0
+    state = par.gather_state()  # FSDP: the full weights on rank 0
     dist.main_only(lambda: save_pretrained_atomic(model, tok, R.run_dir / SFT_DIR,
                                                   state_dict=state))  # fmt: skip
     R.mark(sft_done=True)

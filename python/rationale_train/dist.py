@@ -18,9 +18,10 @@ How the loops use it (every rank runs the same code):
   and at the root. The loss normaliser (target tokens for MaRio, pairs for COLLATE) is summed over
   the ranks (:func:`all_sum`) and passed as ``normalizer = global / world`` (DDP and FSDP average
   gradients over ranks), so the gradient equals the one-process gradient of the global batch;
-- **files**: only rank 0 writes (checkpoints hold full state dicts, so a run resumes under any
-  world size); the run folder must be visible to every rank (one machine, or a shared
-  filesystem); other ranks wait at :func:`barrier` before reading what rank 0 wrote.
+- **files**: only rank 0 writes, except FSDP checkpoints, whose shards every rank writes with
+  torch.distributed.checkpoint (a run resumes under any world size and mode either way); the run
+  folder must be visible to every rank (one machine, or a shared filesystem); other ranks wait at
+  :func:`barrier` before reading what rank 0 wrote.
 
 A rank that raises stops the run: ``torchrun`` tears down the other ranks (they would otherwise
 block in their next collective) and prints the failing rank's traceback, recorded by
@@ -33,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import time
 from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import torch
@@ -95,8 +97,18 @@ def device(name: str = "cpu") -> torch.device:
     return dev
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. ``clean`` (every rank got here): meet at a barrier first, then
+    release the GIL for a moment. Why: a gloo worker thread drops a finished collective (and the
+    Python tensors it holds, which needs the GIL) just after the waiting rank resumes; a drop still
+    pending when the interpreter finalises aborts the process ("terminate called without an active
+    exception": 1 two-process FSDP step in ~30 on 2 cores with neither, 1 in 120 with the barrier
+    alone, whose work holds the previous ones). After an error, no barrier: the other ranks may
+    never get there."""
     if tdist.is_initialized():
+        if clean:
+            tdist.barrier()
+            time.sleep(0.05)
         tdist.destroy_process_group()
 
 
@@ -294,40 +306,26 @@ class Parallel:
                 m.reshard()
                 m.set_reshard_after_forward(True)
 
-    def gather_state(self, optimizer=None):
-        """``(model_state, optimizer_state)`` in one-process form, for a checkpoint that resumes
-        under any world size and mode: FSDP gathers the full state (a collective: every rank
-        calls it) and returns it on rank 0 (``None, None`` elsewhere): the model's keys with tied
-        aliases dropped (one name kept per tied group) and the optimizer state keyed
-        by parameter index like ``optimizer.state_dict()``. DDP / none: ``(None, None)``, the
-        model and optimizer are complete on every rank."""
+    def gather_state(self) -> Optional[dict]:
+        """The model's full state in one-process form (for a model folder, e.g. the SFT model):
+        FSDP gathers it (a collective: every rank calls it) and returns it on rank 0 (``None``
+        elsewhere), keyed as ``safetensors.torch.save_model`` writes it (one name kept per tied
+        group). DDP / none: ``None``, the model is complete on every rank."""
         if self.mode != "fsdp":
-            return None, None
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         msd = get_model_state_dict(self._fwd, options=opts)
-        osd = get_optimizer_state_dict(self._fwd, optimizer, options=opts) if optimizer else None
         if not is_main():
-            return None, None
-        msd = {k[len(_PREFIX) :]: v for k, v in msd.items()}
+            return None
         aliases = {n for ns in self._tied for n in ns[1:]}
-        msd = {k: v for k, v in msd.items() if k not in aliases}
-        if osd is not None:
-            index = {n: i for i, n in enumerate(self._names())}
-            osd = {"state": {index[n]: v for n, v in osd["state"].items()},
-                   "param_groups": [dict(g, params=[index[n] for n in g["params"]])
-                                    for g in osd["param_groups"]]}  # fmt: skip
-        return msd, osd
+        return {k[len(_PREFIX) :]: v for k, v in msd.items() if k[len(_PREFIX) :] not in aliases}
 
     def load_state(self, model_state: dict, optimizer_state=None, optimizer=None) -> None:
-        """Put a one-process state (as :meth:`gather_state` returns, or a single process saves)
-        into the model and optimizer; under FSDP every rank calls it with the full state and keeps
-        its shard."""
+        """Put a one-process state (as :meth:`gather_state` returns, or a single process saves:
+        ``model.safetensors``, ``optimizer.state_dict()``) into the model and optimizer; under
+        FSDP every rank calls it with the full state and keeps its shard."""
         msd = dict(model_state)
         for ns in self._tied:  # a file keeps one name of each tied group, whichever
             present = [n for n in ns if n in msd]
@@ -352,6 +350,39 @@ class Parallel:
                    "param_groups": [dict(g, params=[names[int(i)] for i in g["params"]])
                                     for g in optimizer_state["param_groups"]]}  # fmt: skip
             set_optimizer_state_dict(self._fwd, optimizer, osd, options=opts)
+
+    def save_sharded(self, path, optimizer=None) -> None:
+        """Write the model (and optimizer) state to ``path`` with torch.distributed.checkpoint
+        (a collective: every rank calls it and writes its own FSDP shards, nothing is gathered).
+        :meth:`load_sharded` reads it back under any world size and mode, or in one process."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._dcp_state(optimizer), checkpoint_id=str(path))
+
+    def load_sharded(self, path, optimizer=None) -> None:
+        """Restore what :meth:`save_sharded` wrote (resharded to this world size and mode)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._dcp_state(optimizer)
+        dcp.load(state, checkpoint_id=str(path))  # in place, into this rank's tensors / shards
+        if optimizer is None:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+            set_model_state_dict(self._fwd, state["model"])
+        else:
+            set_state_dict(self._fwd, optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])  # fmt: skip
+
+    def _dcp_state(self, optimizer) -> dict:
+        # keys as _Call names them in every mode (DCP drops DDP's "module."), so a checkpoint
+        # written under one mode loads under another
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+        if optimizer is None:
+            return {"model": get_model_state_dict(self._fwd)}
+        msd, osd = get_state_dict(self._fwd, optimizer)
+        return {"model": msd, "optim": osd}
 
     def _names(self) -> List[str]:
         return [n for n, p in self._fwd.named_parameters() if p.requires_grad]

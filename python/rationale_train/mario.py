@@ -594,7 +594,7 @@ def _sft_phase(cfg, run_dir: Path, log, device, train, test, *, stop_after_sft_s
     finally:
         bar.close()
     model.eval()
-    state, _ = par.gather_state()  # FSDP: the full weights on rank 0
+    state = par.gather_state()  # FSDP: the full weights on rank 0
     dist.main_only(lambda: save_pretrained_atomic(model, tok, run_dir / SFT_DIR, state_dict=state))
     return True
 

@@ -2,17 +2,21 @@
 optimizer step of MaRio's loss or COLLATE's DPO on a tiny model, each rank feeding its share of a
 fixed global batch; rank 0 saves the parameters after the step and the step's figures.
 
-    python tests/_dist_worker.py {mario,dpo} {ddp,fsdp} OUT.pt
+    python tests/_dist_worker.py {mario,dpo} {ddp,fsdp} OUT.pt [RUN_DIR]
+
+With RUN_DIR, the step is also saved as checkpoint 1 of RUN_DIR (model and optimizer).
 """
 
 import sys
 
 import torch
 from rationale_train import dist
+from rationale_train.checkpoint import save_checkpoint
 from rationale_train.collate import dpo_step, rank_pairs
 from rationale_train.mario import train_step
 from rationale_train.models import tiny_llama, train_tokenizer
 
+LR = 0.5
 TEXTS = [f"question {i} plus {i + 3} is {2 * i + 3} because we add" for i in range(40)]
 
 
@@ -30,7 +34,7 @@ def rows(tok, n, seed):
     return out
 
 
-def main(kind, mode, out):
+def main(kind, mode, out, run_dir=None):
     torch.set_num_threads(1)
     dist.init()
     tok = train_tokenizer(TEXTS, vocab_size=300) if dist.is_main() else None
@@ -38,8 +42,9 @@ def main(kind, mode, out):
     model = tiny(0, tok)
     par = dist.Parallel(model, mode)
     # SGD: the step is linear in the gradient (Adam's first step is ~sign(g), which flips for
-    # gradients within rounding of 0 and would hide nothing but test rounding)
-    opt = torch.optim.SGD(par.parameters(), lr=0.5)
+    # gradients within rounding of 0 and would hide nothing but test rounding); the momentum
+    # buffer (= the first step's gradient) is optimizer state for the checkpoint to carry
+    opt = torch.optim.SGD(par.parameters(), lr=LR, momentum=0.9)
     pad = tok.pad_token_id
     if kind == "mario":
         ref = tiny(1, tok).eval()
@@ -60,6 +65,8 @@ def main(kind, mode, out):
         st = dpo_step(model, opt, [cands[c] for c in used], ref_logps[used], local, pad_id=pad,
                       beta=0.5, grad_clip=0.5, nll_coef=0.2, backend="torch", parallel=par,
                       contributes=contributes)  # fmt: skip
+    if run_dir:
+        save_checkpoint(run_dir, 1, par, opt)
     state = par.gather_state()
     if dist.is_main():
         state = state if state is not None else model.state_dict()
@@ -68,4 +75,4 @@ def main(kind, mode, out):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

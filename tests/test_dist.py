@@ -99,6 +99,42 @@ def _losses(run_dir, phase):
     return {r["step"]: r["loss"] for r in runs.read_metrics(run_dir) if r.get("phase") == phase}
 
 
+def _worker():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_dist_worker", WORKER)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_fsdp_checkpoint_loads_in_one_process(tmp_path):
+    """Two FSDP ranks write their shards of a checkpoint (torch.distributed.checkpoint, nothing
+    gathered); a process without a process group loads it: the weights are the gathered ones bit
+    for bit, and each parameter's momentum buffer is its own first step, (before - after) / lr.
+    A model of another shape is refused with a ValueError naming the tensor."""
+    from rationale_train.checkpoint import latest_checkpoint, load_checkpoint
+
+    torchrun(2, WORKER, "mario", "fsdp", tmp_path / "two.pt", tmp_path / "run")
+    ck = latest_checkpoint(tmp_path / "run")
+    assert (ck / "dcp").is_dir() and not (ck / "model.safetensors").exists()
+    w = _worker()
+    tok = w.train_tokenizer(w.TEXTS, vocab_size=300)
+    before, model = w.tiny(0, tok), w.tiny(7, tok)
+    opt = torch.optim.SGD(model.parameters(), lr=w.LR, momentum=0.9)
+    assert load_checkpoint(tmp_path / "run", model, opt)["step"] == 1
+    after = model.state_dict()
+    for k, v in torch.load(tmp_path / "two.pt")["state"].items():
+        assert torch.equal(after[k], v), k
+    old = dict(before.named_parameters())
+    for n, p in model.named_parameters():
+        buf = opt.state[p]["momentum_buffer"]
+        assert torch.allclose(buf, (old[n] - p.detach()) / w.LR, rtol=1e-4, atol=1e-6), n
+    other = w.tiny_llama(tok, hidden_size=48, num_layers=2, num_heads=4, seed=0)
+    with pytest.raises(ValueError, match="does not fit this model.*embed_tokens"):
+        load_checkpoint(tmp_path / "run", other)
+
+
 @pytest.fixture(scope="module", params=["ddp", "fsdp"])
 def mario_two(request, tmp_path_factory):
     """A tiny MaRio run under torchrun with 2 processes (DDP or FSDP2), started without

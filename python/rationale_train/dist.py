@@ -35,6 +35,7 @@ import contextlib
 import datetime
 import os
 import time
+import warnings
 from typing import Any, Callable, Iterator, List, Optional, Sequence
 
 import torch
@@ -362,10 +363,17 @@ class Parallel:
     def load_sharded(self, path, optimizer=None) -> None:
         """Restore what :meth:`save_sharded` wrote (resharded to this world size and mode)."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         state = self._dcp_state(optimizer)
-        dcp.load(state, checkpoint_id=str(path))  # in place, into this rank's tensors / shards
+        try:
+            with warnings.catch_warnings():  # one process: DCP says it assumes so
+                warnings.filterwarnings("ignore", message=".*load in a single process")
+                dcp.load(state, checkpoint_id=str(path))  # in place, into this rank's tensors
+        except CheckpointException as e:  # a BaseException: make it a plain error
+            why = "; ".join(dict.fromkeys(str(f[0]) for f in e.failures.values()))
+            raise ValueError(f"checkpoint {path} does not fit this model: {why}") from e
         if optimizer is None:
             from torch.distributed.checkpoint.state_dict import set_model_state_dict
 

@@ -111,7 +111,8 @@ def _worker():
 def test_fsdp_checkpoint_loads_in_one_process(tmp_path):
     """Two FSDP ranks write their shards of a checkpoint (torch.distributed.checkpoint, nothing
     gathered); a process without a process group loads it: the weights are the gathered ones bit
-    for bit, and each parameter's momentum buffer is its own first step, (before - after) / lr.
+    for bit, the optimizer's settings are the saved ones, and each parameter's momentum buffer is
+    its own first step, (before - after) / lr.
     A model of another shape is refused with a ValueError naming the tensor."""
     from rationale_train.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -121,8 +122,9 @@ def test_fsdp_checkpoint_loads_in_one_process(tmp_path):
     w = _worker()
     tok = w.train_tokenizer(w.TEXTS, vocab_size=300)
     before, model = w.tiny(0, tok), w.tiny(7, tok)
-    opt = torch.optim.SGD(model.parameters(), lr=w.LR, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=w.LR / 4, momentum=0.5)
     assert load_checkpoint(tmp_path / "run", model, opt)["step"] == 1
+    assert opt.param_groups[0]["lr"] == w.LR and opt.param_groups[0]["momentum"] == 0.9
     after = model.state_dict()
     for k, v in torch.load(tmp_path / "two.pt")["state"].items():
         assert torch.equal(after[k], v), k

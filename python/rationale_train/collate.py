@@ -644,23 +644,14 @@ def rank_pairs(pairs: Sequence[Sequence[int]]) -> Tuple[List[int], bool]:
     block of the pair graph's components (candidates joined by a pair; in COLLATE, one per
     question), so a candidate lives on one rank. Returns ``(positions, contributes)``; a rank left
     without a component gets the first one as a zero-weight stand-in (``contributes=False``)."""
-    parent: Dict[int, int] = {}
+    from rationale_kernels.ops.preference_loss import pair_components
 
-    def find(a: int) -> int:
-        parent.setdefault(a, a)
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
-        return a
-
-    for c, r in pairs:
-        a, b = find(int(c)), find(int(r))
-        if a != b:
-            parent[max(a, b)] = min(a, b)
-    comps: Dict[int, List[int]] = {}
+    comps = pair_components(torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2))
+    comp_of = {c: k for k, comp in enumerate(comps) for c in comp}
+    by_comp: Dict[int, List[int]] = {}  # pair positions, components in order of first pair
     for i, (c, _) in enumerate(pairs):
-        comps.setdefault(find(int(c)), []).append(i)
-    groups = list(comps.values())
+        by_comp.setdefault(comp_of[int(c)], []).append(i)
+    groups = list(by_comp.values())
     mine = [i for g in dist.part(groups) for i in g]
     if mine:
         return mine, True

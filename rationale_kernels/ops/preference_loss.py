@@ -158,9 +158,10 @@ def preference_loss(
             count under data parallelism, so every rank's gradient adds up to the global mean).
 
     Returns:
-        ``(loss, metrics)``: the mean loss over pairs (sum / ``normalizer`` when given) (float32, float64 for float64 inputs) and
-        detached per-pair ``chosen_rewards``/``rejected_rewards`` (β·(logπ − logπ_ref)),
-        ``margins`` (chosen − rejected), ``chosen_logps``/``rejected_logps`` and the scalar
+        ``(loss, metrics)``: the mean loss over pairs (sum / ``normalizer`` when given;
+        float32, float64 for float64 inputs) and detached per-pair
+        ``chosen_rewards``/``rejected_rewards`` (β·(logπ − logπ_ref)), ``margins`` (chosen −
+        rejected), ``chosen_logps``/``rejected_logps`` and the scalar
         ``accuracy`` (fraction of margins > 0; ties count as wrong).
     """
     _check_logps(policy_logps, ref_logps)
@@ -259,9 +260,10 @@ def preference_pairs(scores: Tensor, groups: Tensor, *, mode: str = "best_vs_wor
 _DPO_MAX_CHUNK_BYTES = {"cpu": 1 << 30, "cuda": 8 << 30}
 
 
-def _components(pairs: Tensor) -> List[List[int]]:
+def pair_components(pairs: Tensor) -> List[List[int]]:
     """Connected components of the pair graph (candidates joined by a pair); candidates in no pair
-    are left out. Ordered by smallest member, members ascending."""
+    are left out. Ordered by smallest member, members ascending. (Also how COLLATE splits a DPO
+    batch over ranks: :func:`rationale_train.collate.rank_pairs`.)"""
     flat = pairs.detach().to("cpu").tolist()
     parent: Dict[int, int] = {}
 
@@ -314,7 +316,7 @@ def _dpo_one_pass(backend, hidden, weight, bias, labels, cu, ref_logps, pairs, b
     chunk_of = torch.full((C,), -1, dtype=torch.int64)
     # candidates ascending inside a chunk: the local pair indices come from searchsorted (whole
     # components interleave, e.g. pairs (0, 3) and (1, 2), so the packed order is not sorted)
-    chunks = [sorted(c) for c in _pack(_components(pairs), lens, budget_rows)]
+    chunks = [sorted(c) for c in _pack(pair_components(pairs), lens, budget_rows)]
     for k, cands in enumerate(chunks):
         chunk_of[cands] = k
     pair_chunk = chunk_of[pairs[:, 0].to("cpu", torch.int64)]
@@ -497,7 +499,7 @@ def fused_linear_dpo_loss(
     comp_rows = 0
     if be != "torch":
         lens = (cu_seqlens[1:] - cu_seqlens[:-1]).to("cpu", torch.int64)
-        comp_rows = max(int(lens[c].sum()) for c in _components(pairs))
+        comp_rows = max(int(lens[c].sum()) for c in pair_components(pairs))
     cap = _DPO_MAX_CHUNK_BYTES.get(hidden.device.type, 1 << 30)
     if be == "torch" or comp_rows * V * elt > cap:
         logps = fused_linear_sequence_logprobs(

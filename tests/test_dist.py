@@ -99,6 +99,18 @@ def _losses(run_dir, phase):
     return {r["step"]: r["loss"] for r in runs.read_metrics(run_dir) if r.get("phase") == phase}
 
 
+def _resume_one_and_two(command, one, two, phase, stop, *two_args):
+    """Copy the stopped run ``one`` to ``two``, resume ``one`` in one process and ``two`` in 2
+    (with ``two_args``) up to step ``stop``: the two runs' ``phase`` losses by step."""
+    import shutil
+
+    shutil.copytree(one, two)
+    plain("-m", "rationale_train", command, "--run-dir", one, "--resume", "--stop-after-step", stop)
+    torchrun(2, "-m", "rationale_train", command, "--run-dir", two, "--resume", *two_args,
+             "--stop-after-step", stop)  # fmt: skip
+    return _losses(one, phase), _losses(two, phase)
+
+
 def _worker():
     import importlib.util
 
@@ -179,7 +191,6 @@ def test_two_process_checkpoint_resumes_in_one_process(mario_two, tmp_path):
     CI the first SFT loss of two identical runs differed in the 8th digit) and sampling can turn
     that into other samples."""
     import json
-    import shutil
 
     from rationale_train.checkpoint import latest_checkpoint
 
@@ -202,11 +213,7 @@ def test_two_process_checkpoint_resumes_in_one_process(mario_two, tmp_path):
     for a, b in silver:
         assert (a["example"], a["rationale"]) == (b["example"], b["rationale"])
         assert a["rewards"] == pytest.approx(b["rewards"], rel=1e-4, abs=1e-5)
-    shutil.copytree(one, two)
-    plain("-m", "rationale_train", "mario", "--run-dir", one, "--resume", "--stop-after-step", 4)
-    torchrun(2, "-m", "rationale_train", "mario", "--run-dir", two, "--resume",
-             "--stop-after-step", 4)  # fmt: skip
-    got, want = _losses(one, "mario"), _losses(two, "mario")
+    got, want = _resume_one_and_two("mario", one, two, "mario", 4)
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for step in (3, 4):
         assert got[step] == pytest.approx(want[step], rel=1e-4), step
@@ -216,17 +223,12 @@ def test_one_process_checkpoint_resumes_under_fsdp(tmp_path):
     """The other direction and mode: a one-process checkpoint (safetensors keeps one name of the
     tied embedding / head pair, not necessarily the one FSDP's gather keeps) resumes in 2 FSDP
     processes with the loss of a one-process resume."""
-    import shutil
 
     cfg = _config(tmp_path / "mario.json", MARIO)
     one, two = tmp_path / "one", tmp_path / "two"
     plain("-m", "rationale_train", "mario", "--config", cfg, "--run-dir", one,
           "--stop-after-step", 2)  # fmt: skip
-    shutil.copytree(one, two)
-    plain("-m", "rationale_train", "mario", "--run-dir", one, "--resume", "--stop-after-step", 3)
-    torchrun(2, "-m", "rationale_train", "mario", "--run-dir", two, "--resume", "--parallel",
-             "fsdp", "--stop-after-step", 3)  # fmt: skip
-    got, want = _losses(two, "mario"), _losses(one, "mario")
+    want, got = _resume_one_and_two("mario", one, two, "mario", 3, "--parallel", "fsdp")
     assert sorted(got) == sorted(want) == [1, 2, 3]
     assert got[3] == pytest.approx(want[3], rel=1e-4)
 
@@ -266,7 +268,6 @@ def test_collate_two_process_checkpoint_resumes_in_one_process(tmp_path):
     into other candidates. A unit's first step is no check either: policy = reference there, so
     every sigmoid-DPO loss is log 2.)"""
     import math
-    import shutil
 
     from rationale_train import runs
 
@@ -275,11 +276,7 @@ def test_collate_two_process_checkpoint_resumes_in_one_process(tmp_path):
     torchrun(2, "-m", "rationale_train", "collate", "--config", cfg, "--run-dir", one,
              "--stop-after-step", 2)  # fmt: skip
     assert sorted(_losses(one, "dpo")) == [1, 2]
-    shutil.copytree(one, two)
-    plain("-m", "rationale_train", "collate", "--run-dir", one, "--resume", "--stop-after-step", 4)
-    torchrun(2, "-m", "rationale_train", "collate", "--run-dir", two, "--resume",
-             "--stop-after-step", 4)  # fmt: skip
-    got, want = _losses(one, "dpo"), _losses(two, "dpo")
+    got, want = _resume_one_and_two("collate", one, two, "dpo", 4)
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     rows = {r["step"]: r for r in runs.read_metrics(one) if r.get("phase") == "dpo"}
     assert rows[4]["unit"] == rows[1]["unit"] and rows[4]["unit_step"] == 4  # one unit

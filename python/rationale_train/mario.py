@@ -548,13 +548,11 @@ def _sft_schedule(optimizer, total: int, warmup: float):
 def _sft_phase(cfg, run_dir: Path, log, device, train, test, *, stop_after_sft_step=None):
     """SFT (resumable); saves ``RUN/sft_model`` and evaluates it. Returns False when stopped."""
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .data import format_example_target
+    from .data import format_example_target, format_input
     from .evaluate import prompt_ids
     from .models import save_pretrained_atomic
 
     sft_run = run_dir / "sft"
-    from .data import format_input
-
     texts = [format_input(e) + " " + format_example_target(e) for e in train]
     model, tok = _build_base(cfg, texts, device)
     dist.check_batch(cfg.sft_batch_size, "sft_batch_size")

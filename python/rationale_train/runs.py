@@ -172,13 +172,9 @@ class MetricsLogger:
         self.path = Path(path)
         self.write = write  # False: count records only (ranks other than 0 under torchrun)
         self._count = len(read_metrics(self.path)) if self.path.is_file() else 0
-        if not write:
-            self._f = open(os.devnull, "w", encoding="utf-8")
-            self._t0 = time.time()
-            self.add_time = add_time
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")
+        if write:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path if write else os.devnull, "a", encoding="utf-8")
         self._t0 = time.time()
         self.add_time = add_time
 

@@ -426,7 +426,7 @@ class Providers:
                 raise ValueError("parallel='fsdp' needs provider_mode='full' (LoRA providers "
                                  "share one base model; use ddp)")  # fmt: skip
             self._par[s] = dist.Parallel(self.model(s), mode)
-        self.model(s)
+        self.model(s)  # LoRA: make adapter p{s} the active, trainable one (the wrapper is shared)
         return self._par[s]
 
     @contextlib.contextmanager
